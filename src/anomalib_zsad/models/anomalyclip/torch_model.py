@@ -1,0 +1,137 @@
+"""AnomalyCLIP (Zhou et al., ICLR 2024) as a plain ``nn.Module``: image -> (score, anomaly map).
+
+Data flow, as the official code at commit 45ed4dd (see README.md for every difference):
+* text: two learnt prompts -> CLIP text tower with deep prompts -> [2, E] (normal, anomalous);
+* image: CLIP vision tower with DPAM (V-V attention, from block ``dpam_start`` on); patch tokens of
+  ``feature_layers`` from the V-V stream through ``ln_post`` and ``proj``; the global feature is the
+  ordinary stream's class token through ``proj`` **without** ``ln_post`` (as the official code);
+* score: ``softmax(cos(global, text) / 0.07)[anomalous]``;
+* map: per layer ``(p_anomalous + 1 - p_normal) / 2`` of the patch softmax, summed over layers,
+  upsampled bilinearly to the input size, smoothed by a Gaussian (sigma 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_zsad.clip import ClipModel
+from anomalib_zsad.models.components import GaussianBlur
+
+from .prompt_learner import AnomalyCLIPPromptLearner
+
+
+def default_feature_layers(depth: int) -> list[int]:
+    """The paper's layers: the ends of the four quarters of the tower (6, 12, 18, 24 of ViT-L)."""
+    return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+
+
+class AnomalyCLIPModel(nn.Module):
+    """AnomalyCLIP around a frozen :class:`ClipModel`; only the prompt learner is trainable.
+
+    Args:
+        clip: the CLIP (frozen here: ``requires_grad`` is switched off).
+        n_ctx: learnt context tokens per prompt (official 12).
+        prompt_depth: official ``depth``; deep prompts go into text blocks ``1 .. depth-1`` (9).
+        deep_prompt_length: tokens per deep prompt (official ``t_n_ctx``, 4).
+        feature_layers: 1-based vision blocks whose patch tokens make maps; None = the paper's
+            quarters (6, 12, 18, 24). The official scripts pass ``--features_list 24``.
+        dpam_start: first vision block with the V-V path; None = ``depth // 4`` (6 of 24: the
+            official ``DPAM_layer=20``).
+        temperature: the fixed 0.07 of the official code (CLIP's learnt scale is unused).
+        sigma: Gaussian smoothing of the final map (official 4; 0 turns it off).
+        round_deep_prompts_to_fp16: the official ``.half()`` on the deep prompts.
+        global_ln_post: apply ``ln_post`` to the global feature (the official code does not).
+    """
+
+    def __init__(self, clip: ClipModel, n_ctx: int = 12, prompt_depth: int = 9, deep_prompt_length: int = 4,
+                 feature_layers: Sequence[int] | None = None, dpam_start: int | None = None,
+                 temperature: float = 0.07, sigma: float = 4.0, round_deep_prompts_to_fp16: bool = True,
+                 global_ln_post: bool = False, class_name: str = "object", seed: int = 0) -> None:
+        super().__init__()
+        self.clip = clip.requires_grad_(False)
+        depth = len(clip.visual.blocks)
+        self.feature_layers = list(feature_layers) if feature_layers else default_feature_layers(depth)
+        self.dpam_start = dpam_start if dpam_start is not None else max(1, depth // 4)
+        self.temperature = temperature
+        self.round_deep_prompts_to_fp16 = round_deep_prompts_to_fp16
+        self.global_ln_post = global_ln_post
+        self.prompt_learner = AnomalyCLIPPromptLearner(clip.text, n_ctx, prompt_depth, deep_prompt_length,
+                                                       class_name=class_name, seed=seed)
+        self.blur = GaussianBlur(sigma)
+        # Text features for inference: computed once per prompt state (see text_features_cached).
+        self.register_buffer("frozen_text_features", torch.empty(0), persistent=False)
+        self._text_cache_key: tuple | None = None
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised [2, E] text features (row 0 normal, row 1 anomalous), with autograd."""
+        learner, text = self.prompt_learner, self.clip.text
+        embeddings = learner.prompt_embeddings(text)
+        features = text(embeddings, learner.token_ids.argmax(-1), deep_prompts=learner.deep_prompts(),
+                        round_deep_prompts_to_fp16=self.round_deep_prompts_to_fp16)
+        return F.normalize(features.float(), dim=-1)
+
+    def text_features_cached(self) -> torch.Tensor:
+        """Text features for inference: they depend only on the prompts, so compute them once.
+
+        After :meth:`freeze_text_features` (done before export) the stored buffer is used as it
+        is, so no text tower ends up in an exported graph.
+        """
+        if self._text_cache_key == "frozen":
+            return self.frozen_text_features
+        params = list(self.prompt_learner.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params) + (params[0].device,)  # noqa: SLF001
+        if key != self._text_cache_key:
+            with torch.no_grad():
+                self.frozen_text_features = self.text_features()
+            self._text_cache_key = key
+        return self.frozen_text_features
+
+    def freeze_text_features(self) -> None:
+        """Store the current text features as a constant buffer (for export and deployment)."""
+        self._text_cache_key = None
+        self.text_features_cached()
+        self._text_cache_key = "frozen"
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (global feature [B, E], patch features per layer [B, 1 + h*w, E]), not normalised."""
+        visual = self.clip.visual
+        tokens = visual(images, self.feature_layers, vv_from=self.dpam_start)
+        global_feature = visual.project(tokens.cls, layer_norm=self.global_ln_post)
+        patches = [visual.project(tokens.layers[layer]) for layer in self.feature_layers]
+        return global_feature, patches
+
+    def patch_probabilities(self, patches: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]
+                            ) -> list[torch.Tensor]:
+        """Per layer, the softmax over {normal, anomalous} of each patch: [B, 2, h, w]."""
+        out = []
+        for patch in patches:
+            logits = F.normalize(patch, dim=-1)[:, 1:] @ text.t() / self.temperature
+            probs = logits.softmax(-1)
+            out.append(probs.transpose(1, 2).reshape(probs.shape[0], 2, *grid))
+        return out
+
+    def image_logits(self, global_feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(global_feature, dim=-1) @ text.t() / self.temperature
+
+    def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
+        patch = self.clip.visual.patch_size
+        return images.shape[-2] // patch, images.shape[-1] // patch
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Images [B, 3, H, W] (CLIP-normalised) -> pred_score [B], anomaly_map [B, H, W]."""
+        text = self.text_features_cached()
+        with torch.no_grad():
+            global_feature, patches = self.encode_image(images)
+        score = self.image_logits(global_feature, text).softmax(-1)[:, 1]
+        probs = self.patch_probabilities(patches, text, self.grid_size(images))
+        # (p1 + 1 - p0) / 2 is linear and so is bilinear upsampling: sum the layers on the patch
+        # grid, then upsample once (the official code upsamples every layer first; same numbers).
+        grid_map = torch.stack([(p[:, 1] + 1 - p[:, 0]) / 2 for p in probs]).sum(0)
+        anomaly_map = F.interpolate(grid_map[:, None], size=images.shape[-2:], mode="bilinear",
+                                    align_corners=False)[:, 0]
+        return InferenceBatch(pred_score=score, anomaly_map=self.blur(anomaly_map))
