@@ -16,11 +16,13 @@ import torch
 # Small architectures for tests, demos and CPU smoke runs. open_clip's registry holds the real
 # ones (ViT-B-16, ViT-L-14-336, ...); these are looked up first.
 EXTRA_ARCHITECTURES: dict[str, dict] = {
-    # Two blocks, width 64: builds in milliseconds; used by the test-suite and the demo configs.
+    # Four vision blocks at width 64: builds in milliseconds; used by the test-suite and the demo
+    # configs. The text tower keeps CLIP's 12 blocks (cheap at this width) so that every
+    # method's official prompt depth fits.
     "zsad-tiny": {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 12},
     },
     # The parity sets' narrow CLIP: ViT-L/14@336 depth, patch and grid at width 64.
     "zsad-narrow-L14-336": {

@@ -17,6 +17,9 @@ from torch import nn
 from .layers import Transformer
 from .pos_embed import POS_EMBED_MODES, resize_pos_embed
 
+VV_MODES = ("dual", "replace", "replace_batch")
+"""How :meth:`VisionTower.forward` uses the V-V path from ``vv_from`` on (see its docstring)."""
+
 BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 """``hook(block_index, tokens) -> tokens``, with a 0-based block index."""
 
@@ -105,6 +108,7 @@ class VisionTower(nn.Module):
         pre_block: BlockHook | None = None,
         post_block: BlockHook | None = None,
         return_tokens: bool = False,
+        vv_mode: str = "dual",
     ) -> VisionTokens:
         """Run the tower and collect the tokens of ``layers`` (1-based block numbers).
 
@@ -112,9 +116,19 @@ class VisionTower(nn.Module):
         stream, ``x_vv += vv_attn(ln_1(x))`` with ``x`` the ordinary stream (the V-V stream has
         no MLP), and the layers from k on are read from that stream.
 
+        ``vv_mode`` picks what V-V does from block ``vv_from`` on: ``"dual"`` is DPAM above;
+        ``"replace"`` is CLIP Surgery's block as AA-CLIP's stage 1 uses it: V-V *replaces* the
+        ordinary attention in an otherwise normal residual block (``x + vv(ln_1 x)``, then the
+        MLP), one stream, layers read from it; ``"replace_batch"`` is the same with the V-V
+        attention taken across the **batch** axis (for each token position the B images attend
+        to each other), which is what AA-CLIP's official code computes (LND tensor read as NLD).
+
         When neither the final tokens nor hooks are wanted, the last block computes only the
         class token's row: attention with one query and the MLP on one token, exactly.
         """
+        if vv_mode not in VV_MODES:
+            msg = f"vv_mode must be one of {VV_MODES}, got {vv_mode!r}"
+            raise ValueError(msg)
         wanted = set(layers)
         depth = len(self.blocks)
         if any(not 1 <= layer <= depth for layer in wanted):
@@ -128,7 +142,14 @@ class VisionTower(nn.Module):
             if pre_block is not None:
                 x = pre_block(index, x)
             cls_only = 1 if number == depth and not return_tokens and post_block is None else None
-            if vv_from is not None and number >= vv_from:
+            if vv_from is not None and number >= vv_from and vv_mode != "dual":
+                h = block.ln_1(x)
+                if vv_mode == "replace_batch":
+                    x = x + block.attn.forward_vv(h.transpose(0, 1).contiguous()).transpose(0, 1)
+                else:
+                    x = x + block.attn.forward_vv(h)
+                x = x + block.mlp(block.ln_2(x))
+            elif vv_from is not None and number >= vv_from:
                 ori, vv = block.attn.forward_dual(block.ln_1(x), first_queries=cls_only)
                 x_vv = (x if x_vv is None else x_vv) + vv
                 x = (x if cls_only is None else x[:, :1]) + ori

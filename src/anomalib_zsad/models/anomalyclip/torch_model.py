@@ -122,6 +122,18 @@ class AnomalyCLIPModel(nn.Module):
         patch = self.clip.visual.patch_size
         return images.shape[-2] // patch, images.shape[-1] // patch
 
+    def training_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (image logits [B, 2], per-layer patch probabilities upsampled to [B, 2, H, W]).
+
+        Only the prompts get gradients: the image side runs without autograd, as officially.
+        """
+        text = self.text_features()
+        with torch.no_grad():
+            global_feature, patches = self.encode_image(images)
+        probs = self.patch_probabilities(patches, text, self.grid_size(images))
+        upsampled = [F.interpolate(p, size=images.shape[-2:], mode="bilinear", align_corners=False) for p in probs]
+        return self.image_logits(global_feature, text), upsampled
+
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Images [B, 3, H, W] (CLIP-normalised) -> pred_score [B], anomaly_map [B, H, W]."""
         text = self.text_features_cached()

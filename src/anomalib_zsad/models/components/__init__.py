@@ -1,6 +1,15 @@
-"""Pieces that several ZSAD methods share (losses, map smoothing, the Lightning base behaviour)."""
+"""Pieces that several ZSAD methods share (losses, map smoothing, the Lightning behaviour)."""
 
+from .lightning import ZeroShotModuleMixin, clip_pre_processor, paper_evaluator
 from .losses import BinaryDiceLoss, FocalLoss, segmentation_loss
 from .smoothing import GaussianBlur
 
-__all__ = ["BinaryDiceLoss", "FocalLoss", "GaussianBlur", "segmentation_loss"]
+__all__ = [
+    "BinaryDiceLoss",
+    "FocalLoss",
+    "GaussianBlur",
+    "ZeroShotModuleMixin",
+    "clip_pre_processor",
+    "paper_evaluator",
+    "segmentation_loss",
+]

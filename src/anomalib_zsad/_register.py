@@ -1,0 +1,74 @@
+"""Make anomalib find this plugin's models, at almost no start-up cost.
+
+A ``.pth`` file installed with the package calls :func:`install` at interpreter start. That only
+puts a tiny finder on ``sys.meta_path``; nothing heavy is imported. When some code later imports
+``anomalib.models`` (the ``anomalib`` CLI, ``get_model``, a user script), the finder lets the
+import run as usual and then imports :mod:`anomalib_zsad.models` and :mod:`anomalib_zsad.data`,
+so that:
+
+* ``anomalib train --model AnomalyCLIP`` resolves the short name (jsonargparse lists the
+  imported subclasses of ``AnomalibModule``);
+* ``anomalib.models.get_model("AnomalyCLIP")`` finds it (it scans direct subclasses);
+* ``get_model({"class_path": "anomalib_zsad.models.AnomalyCLIP"})`` passes anomalib's whitelist
+  of importable modules (``ALLOWED_MODULES``), to which the plugin's package is added.
+
+Eager import from the ``.pth`` would cost seconds on every Python start (torch, anomalib); this
+costs nothing until anomalib itself is used. Set ``ANOMALIB_ZSAD_NO_AUTOLOAD=1`` to switch it off.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import logging
+import os
+import sys
+
+TRIGGER = "anomalib.models"
+PLUGIN_MODULES = ("anomalib_zsad.models", "anomalib_zsad.data")
+logger = logging.getLogger(__name__)
+
+
+def activate() -> None:
+    """Import the plugin's models and data modules and allow them in anomalib's whitelist."""
+    import importlib  # noqa: PLC0415
+
+    for name in PLUGIN_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001  (a broken plugin must not break anomalib itself)
+            logger.exception("anomalib-zsad: could not import %s", name)
+    allowed = getattr(sys.modules.get(TRIGGER), "ALLOWED_MODULES", None)
+    if isinstance(allowed, set):
+        allowed.update({"anomalib_zsad.models", "anomalib_zsad.models.anomalyclip"})
+
+
+class _AfterAnomalibModels(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader of ``anomalib.models`` to run :func:`activate` after it."""
+
+    def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001, ANN201, ARG002
+        if fullname != TRIGGER:
+            return None
+        sys.meta_path.remove(self)  # once only, and no recursion into ourselves
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        original_exec = loader.exec_module
+
+        def exec_module(module):  # noqa: ANN001, ANN202
+            original_exec(module)
+            activate()
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Called from ``anomalib_zsad_register.pth`` at interpreter start."""
+    if os.environ.get("ANOMALIB_ZSAD_NO_AUTOLOAD") == "1":
+        return
+    if TRIGGER in sys.modules:  # anomalib already imported (e.g. install() called late)
+        activate()
+    elif not any(isinstance(f, _AfterAnomalibModels) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterAnomalibModels())

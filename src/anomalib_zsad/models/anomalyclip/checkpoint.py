@@ -1,0 +1,55 @@
+"""Import of the official AnomalyCLIP prompt weights (``checkpoints/9_12_4_multiscale*/epoch_15.pth``).
+
+The released file is ``{"prompt_learner": state_dict}`` of the official ``AnomalyCLIP_PromptLearner``.
+Its learnt tensors (``ctx_pos``, ``ctx_neg``, ``compound_prompts_text.N``) keep their names here;
+the buffers it also holds (token prefixes/suffixes, computed from CLIP at construction) and the
+never-used ``compound_prompt_projections`` are checked for presence but not loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .prompt_learner import AnomalyCLIPPromptLearner
+
+_LEARNT_PREFIXES = ("ctx_pos", "ctx_neg", "compound_prompts_text.")
+
+
+def read_official_prompt_learner(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The learnt tensors of an official checkpoint; a clear error for anything else."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = f"AnomalyCLIP checkpoint not found: {path}"
+        raise FileNotFoundError(msg)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = (f"could not read AnomalyCLIP checkpoint {path} ({type(error).__name__}: {error}). "
+               "Expected the official epoch_15.pth (a torch file holding {'prompt_learner': state_dict}); "
+               "is the download complete?")
+        raise ValueError(msg) from error
+    if not isinstance(content, dict) or "prompt_learner" not in content:
+        found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
+        msg = (f"{path} is not an official AnomalyCLIP checkpoint: expected a dict with key 'prompt_learner', "
+               f"found {found}. A Lightning .ckpt of this package loads with --ckpt_path instead.")
+        raise ValueError(msg)
+    return {k: v for k, v in content["prompt_learner"].items() if k.startswith(_LEARNT_PREFIXES)}
+
+
+def load_official_prompt_learner(learner: AnomalyCLIPPromptLearner, path: str | os.PathLike) -> None:
+    """Copy an official checkpoint's learnt prompts into ``learner``, checking every shape."""
+    tensors = read_official_prompt_learner(path)
+    own = learner.state_dict()
+    expected = {k for k in own if k.startswith(_LEARNT_PREFIXES)}
+    problems = [f"missing {k}" for k in sorted(expected - tensors.keys())]
+    problems += [f"unexpected {k}" for k in sorted(tensors.keys() - expected)]
+    problems += [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if problems:
+        msg = (f"{path} does not fit this AnomalyCLIP configuration (n_ctx, prompt_depth, deep_prompt_length, "
+               f"CLIP text width): " + "; ".join(problems[:6]))
+        raise ValueError(msg)
+    learner.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in tensors.items()}})
