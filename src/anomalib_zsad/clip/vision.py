@@ -123,8 +123,9 @@ class VisionTower(nn.Module):
         attention taken across the **batch** axis (for each token position the B images attend
         to each other), which is what AA-CLIP's official code computes (LND tensor read as NLD).
 
-        When neither the final tokens nor hooks are wanted, the last block computes only the
-        class token's row: attention with one query and the MLP on one token, exactly.
+        When nothing reads the last block's ordinary tokens (not ``return_tokens``, not a hook,
+        not a collected layer), that block computes only the class token's row: attention with one
+        query and the MLP on one token, exactly.
         """
         if vv_mode not in VV_MODES:
             msg = f"vv_mode must be one of {VV_MODES}, got {vv_mode!r}"
@@ -141,7 +142,9 @@ class VisionTower(nn.Module):
             number = index + 1
             if pre_block is not None:
                 x = pre_block(index, x)
-            cls_only = 1 if number == depth and not return_tokens and post_block is None else None
+            last_tokens_unused = not return_tokens and pre_block is None and post_block is None and not (
+                number in wanted and (vv_from is None or number < vv_from))
+            cls_only = 1 if number == depth and last_tokens_unused else None
             if vv_from is not None and number >= vv_from and vv_mode != "dual":
                 h = block.ln_1(x)
                 if vv_mode == "replace_batch":

@@ -1,0 +1,71 @@
+"""Data for zero-shot anomaly detection: cross-data-set datamodule, offline demo set, checks.
+
+Public names are imported lazily (PEP 562) because importing anomalib takes ~10 s and the
+demo generator / validators do not need it. If anomalib is *already* imported (the ``anomalib``
+CLI; the plugin hook in :mod:`anomalib_zsad._register` imports this package after
+``anomalib.models``), importing this package also :func:`activate` s it: the datamodules become
+visible to jsonargparse by short name (``--data CrossDataset``, ``--data.train ZSADDemo``) and
+anomalib reads images through :func:`read_image_rgb` (so ``anomalib predict --data <folder>``
+handles 16-bit/grayscale/RGBA files).
+
+* :class:`CrossDataset` - train on one data set's test split, test on another's category.
+* :func:`make_demo_dataset` - write the small offline MVTec-layout demo set;
+  :class:`ZSADDemo` - anomalib MVTecAD datamodule over it that generates it on demand.
+* :func:`validate_folder_dataset`, :class:`DatasetError` - early, explicit data checks.
+* :func:`read_image_rgb`, :func:`install_rgb_image_reader` - robust image loading (16-bit,
+  grayscale, RGBA -> RGB) for anomalib, including ``anomalib predict --data <folder>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "CrossDataset": "anomalib_zsad.data.cross_dataset",
+    "make_demo_dataset": "anomalib_zsad.data.demo",
+    "ZSADDemo": "anomalib_zsad.data.demo_datamodule",
+    "DatasetError": "anomalib_zsad.data.errors",
+    "FolderSummary": "anomalib_zsad.data.validation",
+    "validate_folder_dataset": "anomalib_zsad.data.validation",
+    "validate_image_folder": "anomalib_zsad.data.validation",
+    "read_image_rgb": "anomalib_zsad.data.image_io",
+    "install_rgb_image_reader": "anomalib_zsad.data.image_io",
+}
+
+__all__ = sorted([*_EXPORTS, "activate"])
+
+if TYPE_CHECKING:
+    from anomalib_zsad.data.cross_dataset import CrossDataset
+    from anomalib_zsad.data.demo import make_demo_dataset
+    from anomalib_zsad.data.demo_datamodule import ZSADDemo
+    from anomalib_zsad.data.errors import DatasetError
+    from anomalib_zsad.data.image_io import install_rgb_image_reader, read_image_rgb
+    from anomalib_zsad.data.validation import FolderSummary, validate_folder_dataset, validate_image_folder
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name not in _EXPORTS:
+        msg = f"module 'anomalib_zsad.data' has no attribute '{name}'"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def activate() -> None:
+    """Import the datamodules (so jsonargparse finds them by short name) and install the RGB reader."""
+    from anomalib_zsad.data.cross_dataset import CrossDataset  # noqa: F401, PLC0415
+    from anomalib_zsad.data.demo_datamodule import ZSADDemo  # noqa: F401, PLC0415
+    from anomalib_zsad.data.image_io import install_rgb_image_reader  # noqa: PLC0415
+
+    install_rgb_image_reader()
+
+
+if "anomalib.data" in sys.modules:  # anomalib's import cost is already paid
+    activate()

@@ -1,0 +1,120 @@
+"""A dataset over a pooled sample table from several data sets/categories, plus a sampler.
+
+Why not anomalib's datasets: ``MVTecADDataset + VisaDataset`` is refused (``__add__`` needs one
+class), and the base ``__getitem__`` cannot express "this source has no masks" per sample.
+Here each row carries ``has_mask``; rows without masks yield ``gt_mask=None`` and
+:class:`MaskGroupedBatchSampler` keeps them out of batches with masks, so a batch's
+``gt_mask`` is either a tensor for every image or ``None`` (the model's signal to train the
+image-level loss only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pandas as pd
+import torch
+from anomalib.data import ImageItem
+from anomalib.data.datasets.base.image import AnomalibDataset
+from torch.utils.data import Sampler
+from torchvision.tv_tensors import Mask
+
+from anomalib_zsad.data.image_io import read_image_rgb, read_mask_binary
+
+
+class PooledDataset(AnomalibDataset):
+    """Test-split samples pooled over sources/categories (columns: see ``_sources.SAMPLE_COLUMNS``).
+
+    Images are read with :func:`read_image_rgb` (any mode / bit depth -> RGB, named errors).
+    ``task`` is segmentation when any row has masks.
+    """
+
+    def __init__(self, samples: pd.DataFrame, name: str = "Pooled") -> None:
+        super().__init__()
+        self._name = name
+        samples = samples.reset_index(drop=True).copy()
+        samples["split"] = "test"
+        samples["label"] = samples["label_index"].map({0: "normal", 1: "abnormal"})
+        samples.attrs["task"] = "segmentation" if bool(samples["has_mask"].any()) else "classification"
+        self.samples = samples
+
+    @property
+    def name(self) -> str:
+        """Name given at construction (used in logs)."""
+        return self._name
+
+    @property
+    def categories(self) -> list[str]:
+        """Sorted distinct category names in this dataset."""
+        return sorted(self.samples["category"].unique())
+
+    def __getitem__(self, index: int) -> ImageItem:
+        """Load one sample; ``gt_mask`` is None for rows of mask-less sources."""
+        row = self.samples.iloc[index]
+        image = read_image_rgb(row.image_path, as_tensor=True)
+        label = int(row.label_index)
+        gt_mask = None
+        if row.has_mask:
+            if label == 1:
+                gt_mask = read_mask_binary(row.mask_path, as_tensor=True)
+            else:
+                gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+        if self.augmentations is not None:
+            if gt_mask is None:
+                image = self.augmentations(image)
+            else:
+                image, gt_mask = self.augmentations(image, gt_mask)
+        return ImageItem(
+            image=image,
+            gt_mask=gt_mask,
+            gt_label=torch.tensor(label),
+            image_path=str(row.image_path),
+            mask_path=str(row.mask_path),
+        )
+
+
+class MaskGroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches that never mix samples with and without masks.
+
+    Each group is shuffled and cut into batches; the batch order is then shuffled, so both kinds
+    are interleaved over an epoch. A new permutation is drawn every epoch (``seed`` + epoch
+    counter when a seed is given, for reproducibility).
+    """
+
+    def __init__(self, has_mask: list[bool], batch_size: int, seed: int | None = None, drop_last: bool = False) -> None:
+        self.groups = [[i for i, m in enumerate(has_mask) if m], [i for i, m in enumerate(has_mask) if not m]]
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self._epoch = 0
+
+    def _generator(self) -> torch.Generator:
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed + self._epoch)
+        return generator
+
+    def _batches(self, generator: torch.Generator) -> list[list[int]]:
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = self._generator()
+        self._epoch += 1
+        batches = self._batches(generator)
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
+
+    def __len__(self) -> int:
+        sizes = [len(g) for g in self.groups]
+        if self.drop_last:
+            return sum(s // self.batch_size for s in sizes)
+        return sum(-(-s // self.batch_size) for s in sizes)

@@ -1,0 +1,251 @@
+"""Offline demo data set in MVTec AD layout, generated from scikit-image's bundled photos.
+
+Why: the project must run end to end (README job, integration tests, CI) without MVTec AD or
+VisA, which cannot be downloaded here. This writes a tiny, deterministic set with synthetic
+defects and exact masks that anomalib's ``MVTecAD`` and ``Folder`` datamodules read unchanged::
+
+    <root>/<category>/train/good/000.png
+    <root>/<category>/test/good/000.png
+    <root>/<category>/test/<defect>/000.png
+    <root>/<category>/ground_truth/<defect>/000_mask.png      (0 / 255)
+    <root>/.zsad_demo.json                                      (parameters; marks a complete set)
+
+Generation is seeded per (seed, category), takes well under a second per category at the default
+size, and is atomic: everything is written into a temporary sibling folder that is renamed to
+``root`` only when complete, so a failure never leaves a half-written set behind.
+
+Command line: ``python -m anomalib_zsad.data.demo --root datasets/zsad_demo --seed 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from anomalib_zsad.data._defects import PAINTERS
+from anomalib_zsad.data.errors import DatasetError
+
+MANIFEST = ".zsad_demo.json"
+FORMAT_VERSION = 1
+DEFECT_TYPES: tuple[str, ...] = tuple(PAINTERS)
+# category -> (scikit-image loader name, RGB tint applied to grayscale photos)
+TEXTURES: dict[str, tuple[str, tuple[float, float, float]]] = {
+    "brick": ("brick", (1.0, 0.72, 0.6)),
+    "grass": ("grass", (0.75, 1.0, 0.65)),
+    "gravel": ("gravel", (0.95, 0.92, 0.85)),
+    "tissue": ("immunohistochemistry", (1.0, 1.0, 1.0)),
+    "coffee": ("coffee", (1.0, 1.0, 1.0)),
+    "moon": ("moon", (0.9, 0.9, 1.0)),
+}
+DEFAULT_CATEGORIES: tuple[str, ...] = ("brick", "grass", "gravel", "tissue", "coffee")
+
+__all__ = ["DEFAULT_CATEGORIES", "DEFECT_TYPES", "TEXTURES", "is_demo_dataset", "make_demo_dataset", "main"]
+
+
+def _load_texture(category: str) -> np.ndarray:
+    """The category's source photo as float RGB in ``[0, 1]``."""
+    import skimage.data
+
+    loader, tint = TEXTURES[category]
+    photo = np.asarray(getattr(skimage.data, loader)(), dtype=np.float64) / 255.0
+    if photo.ndim == 2:
+        photo = photo[..., None] * np.asarray(tint)
+    return np.clip(photo[..., :3], 0.0, 1.0)
+
+
+def _random_view(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random crop (45-75 % of the short side), rotated/flipped, resized and brightness-jittered."""
+    height, width = texture.shape[:2]
+    crop = int(rng.uniform(0.45, 0.75) * min(height, width))
+    top = int(rng.integers(0, height - crop + 1))
+    left = int(rng.integers(0, width - crop + 1))
+    view = np.rot90(texture[top : top + crop, left : left + crop], k=int(rng.integers(0, 4)))
+    if rng.random() < 0.5:
+        view = view[:, ::-1]
+    pil = Image.fromarray(_to_uint8(view)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(pil, dtype=np.float64) / 255.0 * rng.uniform(0.93, 1.07), 0.0, 1.0)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _write_category(out: Path, category: str, params: dict, textures: dict[str, np.ndarray]) -> int:
+    """Write one category; return the number of files written."""
+    rng = np.random.default_rng([params["seed"], zlib.crc32(category.encode())])
+    size = params["image_size"]
+    texture = textures[category]
+    others = [name for name in textures if name != category] or [category]
+    count = 0
+    for split, n in (("train", params["n_train"]), ("test", params["n_test_good"])):
+        for i in range(n):
+            _save(_to_uint8(_random_view(texture, size, rng)), out / category / split / "good" / f"{i:03d}.png")
+            count += 1
+    defects = params["defect_types"]
+    per_defect = {d: 0 for d in defects}
+    for i in range(params["n_test_defect"]):
+        defect = defects[i % len(defects)]
+        foreign = _random_view(textures[others[int(rng.integers(0, len(others)))]], size, rng)
+        image, mask = PAINTERS[defect](_random_view(texture, size, rng), rng, foreign)
+        name = f"{per_defect[defect]:03d}"
+        per_defect[defect] += 1
+        _save(_to_uint8(image), out / category / "test" / defect / f"{name}.png")
+        _save(mask.astype(np.uint8) * 255, out / category / "ground_truth" / defect / f"{name}_mask.png")
+        count += 2
+    return count
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(root: Path, params: dict | None = None) -> bool:
+    """True if ``root`` holds a complete demo set (made with ``params``, if given)."""
+    manifest = _read_manifest(root)
+    if manifest is None or (params is not None and manifest.get("params") != params):
+        return False
+    return sum(1 for p in root.rglob("*.png")) == manifest.get("num_files")
+
+
+def is_demo_dataset(root: str | Path) -> bool:
+    """True if ``root`` holds a complete demo set, whatever parameters made it."""
+    return _is_complete(Path(root))
+
+
+def make_demo_dataset(
+    root: str | Path = "datasets/zsad_demo",
+    seed: int = 0,
+    categories: Sequence[str] = DEFAULT_CATEGORIES,
+    image_size: int = 128,
+    n_train: int = 8,
+    n_test_good: int = 4,
+    n_test_defect: int = 6,
+    defect_types: Sequence[str] = DEFECT_TYPES,
+    overwrite: bool = False,
+) -> Path:
+    """Create (or re-use) the demo set at ``root`` and return ``root`` as an absolute path.
+
+    Idempotent: if ``root`` already holds a complete set made with the same parameters it is
+    returned untouched. A complete set made with *other* parameters, or a non-empty folder that
+    is not a demo set, raises :class:`DatasetError` unless ``overwrite=True`` (demo sets only:
+    a folder without the demo manifest is never deleted).
+
+    Args:
+        root: output folder; categories become its sub-folders (MVTec AD layout).
+        seed: base seed; each category is seeded by ``(seed, crc32(category))``.
+        categories: subset of :data:`TEXTURES` keys.
+        image_size: side of the square images in pixels (>= 32).
+        n_train, n_test_good, n_test_defect: images per category; defects are spread
+            round-robin over ``defect_types`` (subset of :data:`DEFECT_TYPES`).
+        overwrite: replace an existing demo set made with different parameters.
+    """
+    root = Path(root).expanduser().resolve()
+    unknown = [c for c in categories if c not in TEXTURES]
+    bad_defects = [d for d in defect_types if d not in PAINTERS]
+    if unknown or bad_defects or not categories or not defect_types:
+        msg = (
+            f"Unknown demo categories {unknown} / defect types {bad_defects} (or an empty list). "
+            f"Choose categories from {sorted(TEXTURES)} and defect types from {list(DEFECT_TYPES)}."
+        )
+        raise DatasetError(msg)
+    if image_size < 32 or min(n_train, n_test_good, n_test_defect) < 0 or n_test_defect + n_test_good == 0:
+        msg = "image_size must be >= 32 and the image counts non-negative (with at least one test image)."
+        raise DatasetError(msg)
+    params = {
+        "version": FORMAT_VERSION,
+        "seed": int(seed),
+        "categories": list(categories),
+        "image_size": int(image_size),
+        "n_train": int(n_train),
+        "n_test_good": int(n_test_good),
+        "n_test_defect": int(n_test_defect),
+        "defect_types": list(defect_types),
+    }
+    if _is_complete(root, params):
+        return root
+    is_demo = _read_manifest(root) is not None
+    if root.exists() and any(root.iterdir()) and not (overwrite and is_demo):
+        what = "a demo set made with other parameters" if is_demo else "files that are not a demo set"
+        hint = "pass overwrite=True (--overwrite) or" if is_demo else "use"
+        msg = f"'{root}' already contains {what}; {hint} another root."
+        raise DatasetError(msg)
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        textures = {c: _load_texture(c) for c in categories}
+        num_files = sum(_write_category(tmp, c, params, textures) for c in categories)
+        (tmp / MANIFEST).write_text(json.dumps({"params": params, "num_files": num_files}, indent=2))
+        _swap_into_place(tmp, root, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _swap_into_place(tmp: Path, root: Path, params: dict) -> None:
+    """Rename ``tmp`` to ``root``; tolerate a concurrent writer that finished first."""
+    old = None
+    if root.exists() and any(root.iterdir()):  # overwrite of a demo set, checked by the caller
+        old = root.with_name(f".{root.name}.old-{os.getpid()}")
+        root.rename(old)
+    try:
+        os.replace(tmp, root)  # atomic; also replaces an empty directory
+    except OSError:
+        if not _is_complete(root, params):  # someone else won the race with the same parameters?
+            if old is not None:
+                old.rename(root)
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Command-line entry point (``python -m anomalib_zsad.data.demo``)."""
+    parser = argparse.ArgumentParser(prog="python -m anomalib_zsad.data.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="datasets/zsad_demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--categories", default=",".join(DEFAULT_CATEGORIES), help="comma-separated")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--n-train", type=int, default=8)
+    parser.add_argument("--n-test-good", type=int, default=4)
+    parser.add_argument("--n-test-defect", type=int, default=6)
+    parser.add_argument("--defect-types", default=",".join(DEFECT_TYPES), help="comma-separated")
+    parser.add_argument("--overwrite", action="store_true", help="replace a demo set made with other parameters")
+    args = parser.parse_args(argv)
+    try:
+        root = make_demo_dataset(
+            root=args.root,
+            seed=args.seed,
+            categories=[c for c in args.categories.split(",") if c],
+            image_size=args.image_size,
+            n_train=args.n_train,
+            n_test_good=args.n_test_good,
+            n_test_defect=args.n_test_defect,
+            defect_types=[d for d in args.defect_types.split(",") if d],
+            overwrite=args.overwrite,
+        )
+    except DatasetError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(root)  # noqa: T201 - the CLI's output is the path
+    return root
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Up-front checks of image folders, so bad data fails early with a message that helps.
+
+Why: anomalib 2.7 assigns masks to anomalous images *by position* after sorting, never
+compares mask and image sizes, and reads images lazily inside DataLoader workers. An extra
+mask, a missing image, a mask of the wrong size or a corrupt file therefore surfaces as a
+pandas length error, a silently misaligned mask or a worker crash that does not name the
+file. These functions find such problems before training and raise :class:`DatasetError`
+naming the file and the fix. They import no anomalib, so they are cheap to call.
+
+Header checks (sizes, readability of the header) are fast enough for full MVTec AD / VisA;
+``decode=True`` additionally decodes every pixel to catch truncated files (slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from anomalib_zsad.data.errors import DatasetError
+from anomalib_zsad.data.image_io import load_rgb_array, read_mask_binary
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_SUFFIX = "_mask"
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DatasetError",
+    "FolderSummary",
+    "find_categories",
+    "image_size",
+    "list_images",
+    "validate_folder_dataset",
+    "validate_image_folder",
+    "validate_mvtec_category",
+    "validate_samples",
+]
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    """What :func:`validate_folder_dataset` found (useful for logging and tests)."""
+
+    root: Path
+    layout: str  # "mvtec_dataset" (root/<category>/test/...), "mvtec_category" or "images"
+    categories: tuple[str, ...] = ()
+    num_images: int = 0
+    num_masks: int = 0
+    categories_without_masks: tuple[str, ...] = field(default=())
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every category has masks for its anomalous images."""
+        return self.num_masks > 0 and not self.categories_without_masks
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files (by extension, case-insensitive) in ``folder``, sorted."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def image_size(path: str | Path, decode: bool = False, is_mask: bool = False) -> tuple[int, int]:
+    """``(width, height)`` of an image, raising :class:`DatasetError` if it cannot be read.
+
+    With ``decode=False`` only the header is parsed (fast); with ``decode=True`` the pixels are
+    decoded too, which also catches truncated files.
+    """
+    path = Path(path)
+    if decode:
+        array = read_mask_binary(path) if is_mask else load_rgb_array(path)
+        return int(array.shape[1]), int(array.shape[0])
+    if not path.is_file():
+        kind = "Mask" if is_mask else "Image"
+        msg = f"{kind} file not found: '{path}'. Fix the path or remove the entry that refers to it."
+        raise DatasetError(msg)
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        msg = f"Cannot read '{path}': {error}. The file is corrupt or not an image; re-export or delete it."
+        raise DatasetError(msg) from error
+
+
+def _check_pair(image_path: Path, mask_path: Path, decode: bool) -> None:
+    image_wh = image_size(image_path, decode=decode)
+    mask_wh = image_size(mask_path, decode=decode, is_mask=True)
+    if image_wh != mask_wh:
+        msg = (
+            f"Mask '{mask_path}' is {mask_wh[0]}x{mask_wh[1]} but its image '{image_path}' is "
+            f"{image_wh[0]}x{image_wh[1]} (width x height). Masks must have exactly the image's size: "
+            "resize the mask with nearest-neighbour interpolation or re-export it."
+        )
+        raise DatasetError(msg)
+
+
+def validate_image_folder(root: str | Path, decode: bool = True, recursive: bool = True) -> list[Path]:
+    """Check a plain folder of images (e.g. for ``anomalib predict``); return the images found."""
+    root = Path(root)
+    if not root.exists():
+        msg = f"Folder not found: '{root}'. Pass an existing folder or image file."
+        raise DatasetError(msg)
+    images = [root] if root.is_file() else list_images(root, recursive=recursive)
+    if not images:
+        msg = (
+            f"No images found in '{root}' (looked for {', '.join(IMAGE_EXTENSIONS)}"
+            f"{' recursively' if recursive else ''}). Put the images there or point to the right folder."
+        )
+        raise DatasetError(msg)
+    for path in images:
+        image_size(path, decode=decode)
+    return images
+
+
+def _mask_image_stem(mask: Path) -> str:
+    return mask.stem[: -len(MASK_SUFFIX)] if mask.stem.endswith(MASK_SUFFIX) else mask.stem
+
+
+def validate_mvtec_category(category_root: str | Path, decode: bool = False) -> FolderSummary:
+    """Check one category in MVTec AD layout (``test/<defect>/``, ``ground_truth/<defect>/``).
+
+    Rules: ``test/`` holds at least one image; every mask matches an existing image
+    ``test/<defect>/<stem>.*`` (mask named ``<stem>_mask.png`` or ``<stem>.png``); if the category
+    has any mask, every anomalous image has one; masks have their image's size. A category with
+    no ``ground_truth`` folder at all is valid but reported as having no masks.
+    """
+    root = Path(category_root)
+    test_dir = root / "test"
+    if not root.is_dir():
+        msg = f"Category folder not found: '{root}'. Check the data set root and category name."
+        raise DatasetError(msg)
+    if not test_dir.is_dir():
+        msg = f"'{root}' has no 'test' folder. Expected MVTec AD layout: {root}/test/<good|defect>/<image>.png."
+        raise DatasetError(msg)
+    test_images = {d.name: list_images(d) for d in sorted(test_dir.iterdir()) if d.is_dir()}
+    num_images = sum(len(v) for v in test_images.values())
+    if num_images == 0:
+        msg = f"No test images in '{test_dir}' (empty folder?). Add images under {test_dir}/<good|defect>/."
+        raise DatasetError(msg)
+
+    gt_dir = root / "ground_truth"
+    masks = list_images(gt_dir, recursive=True) if gt_dir.is_dir() else []
+    masks_by_image: dict[Path, Path] = {}
+    for mask in masks:
+        defect = mask.parent.name
+        stem = _mask_image_stem(mask)
+        candidates = [p for p in test_images.get(defect, []) if p.stem == stem]
+        if not candidates:
+            msg = (
+                f"Mask '{mask}' has no image: expected '{test_dir / defect / stem}.<ext>'. "
+                "Delete the stray mask or add the missing image."
+            )
+            raise DatasetError(msg)
+        masks_by_image[candidates[0]] = mask
+
+    anomalous = [p for defect, paths in test_images.items() if defect != "good" for p in paths]
+    if masks:
+        for image in anomalous:
+            if image not in masks_by_image:
+                msg = (
+                    f"Anomalous image '{image}' has no mask; expected "
+                    f"'{gt_dir / image.parent.name / (image.stem + MASK_SUFFIX)}.png'. Add the mask, or remove "
+                    "all of this category's masks to use it for image-level labels only."
+                )
+                raise DatasetError(msg)
+    for image, mask in masks_by_image.items():
+        _check_pair(image, mask, decode)
+    if decode:
+        for paths in test_images.values():
+            for path in paths:
+                if path not in masks_by_image:
+                    image_size(path, decode=True)
+    return FolderSummary(
+        root=root,
+        layout="mvtec_category",
+        categories=(root.name,),
+        num_images=num_images,
+        num_masks=len(masks),
+        categories_without_masks=() if masks or not anomalous else (root.name,),
+    )
+
+
+def find_categories(root: str | Path) -> list[str]:
+    """Names of the sub-folders of ``root`` that look like MVTec-layout categories (have ``test/``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "test").is_dir())
+
+
+def validate_folder_dataset(root: str | Path, decode: bool = True) -> FolderSummary:
+    """Validate a folder, detecting its layout, and raise :class:`DatasetError` on the first problem.
+
+    * ``root/test/...`` -> one MVTec-layout category (:func:`validate_mvtec_category`);
+    * ``root/<category>/test/...`` -> a whole MVTec-layout data set, every category checked;
+    * anything else -> a plain image folder (searched recursively), as ``anomalib predict`` takes.
+    """
+    root = Path(root)
+    if not root.exists():
+        msg = (
+            f"Data set folder not found: '{root}'. Check the path "
+            "(generate the demo set with `python -m anomalib_zsad.data.demo`)."
+        )
+        raise DatasetError(msg)
+    if root.is_dir() and (root / "test").is_dir():
+        return validate_mvtec_category(root, decode=decode)
+    categories = find_categories(root)
+    if categories:
+        summaries = [validate_mvtec_category(root / c, decode=decode) for c in categories]
+        return FolderSummary(
+            root=root,
+            layout="mvtec_dataset",
+            categories=tuple(categories),
+            num_images=sum(s.num_images for s in summaries),
+            num_masks=sum(s.num_masks for s in summaries),
+            categories_without_masks=tuple(c for s in summaries for c in s.categories_without_masks),
+        )
+    images = validate_image_folder(root, decode=decode)
+    return FolderSummary(root=root, layout="images", num_images=len(images))
+
+
+def validate_samples(
+    image_paths: Iterable[str | Path],
+    mask_paths: Iterable[str | Path | None],
+    labels: Iterable[int],
+    source: str,
+    decode: bool = False,
+) -> bool:
+    """Check image/mask pairs of an already indexed data set (any anomalib datamodule).
+
+    Returns True when every anomalous sample (label 1) has a mask, False when none has one.
+    Raises :class:`DatasetError` when only some have masks, a file is unreadable/missing, or a
+    mask's size differs from its image's.
+    """
+    with_mask, without_mask = [], []
+    for image, mask, label in zip(image_paths, mask_paths, labels, strict=True):
+        has_mask = isinstance(mask, str | Path) and str(mask) not in {"", "nan", "None"}
+        if int(label) == 1:
+            (with_mask if has_mask else without_mask).append(Path(image))
+        if has_mask and int(label) == 1:
+            _check_pair(Path(image), Path(mask), decode)
+        elif decode:
+            image_size(image, decode=True)
+    if with_mask and without_mask:
+        msg = (
+            f"{source}: {len(without_mask)} anomalous image(s) have no mask (e.g. '{without_mask[0]}') while "
+            f"{len(with_mask)} have one. Provide a mask for every anomalous image, or none."
+        )
+        raise DatasetError(msg)
+    return bool(with_mask) or not without_mask

@@ -1,0 +1,61 @@
+"""The plugin is found by anomalib itself: real ``anomalib`` processes, no extra import flag."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def run(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd, check=False)
+
+
+def test_get_model_finds_the_plugin_by_short_name_and_path() -> None:
+    code = (
+        "from anomalib.models import get_model, list_models\n"
+        "m = get_model('AnomalyCLIP', backbone='zsad-tiny', pretrained=None)\n"
+        "n = get_model({'class_path': 'anomalib_zsad.models.AnomalyCLIP',"
+        " 'init_args': {'backbone': 'zsad-tiny', 'pretrained': None}})\n"
+        "print(type(m).__module__, type(n).__name__, 'anomaly_c_l_i_p' in list_models())\n"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["anomalib_zsad.models.anomalyclip.lightning_model", "AnomalyCLIP", "True"]
+
+
+def test_cli_resolves_the_short_name() -> None:
+    result = run("anomalib", "train", "--model", "AnomalyCLIP", "--print_config")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class_path: anomalib_zsad.models.AnomalyCLIP" in result.stdout
+
+
+def test_nothing_heavy_is_imported_at_interpreter_start() -> None:
+    """The .pth hook only installs a finder: plain Python start-up does not import anomalib."""
+    result = run(sys.executable, "-c", "import sys; print('anomalib' in sys.modules, 'torch' in sys.modules)")
+    assert result.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.slow
+def test_cli_train_then_test_with_checkpoint(demo_root: Path, tmp_path: Path) -> None:
+    """``anomalib train --model AnomalyCLIP`` on the demo set, then ``anomalib test --ckpt_path``."""
+    common = ["--model", "AnomalyCLIP", "--model.backbone", "zsad-tiny", "--model.pretrained", "null",
+              "--model.image_size", "64",
+              "--data", "anomalib_zsad.data.CrossDataset",
+              "--data.train", "MVTecAD", "--data.train.root", str(demo_root),
+              "--data.train_categories", "[brick, grass]",
+              "--data.test", "MVTecAD", "--data.test.root", str(demo_root), "--data.test.category", "coffee",
+              "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.num_workers", "0",
+              "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path / "results")]
+    trained = run("anomalib", "train", *common, "--trainer.max_epochs", "1", "--logging.log_graph", "false")
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    checkpoints = sorted((tmp_path / "results").rglob("*.ckpt"))
+    assert checkpoints, trained.stdout[-2000:]
+    tested = run("anomalib", "test", *common, "--ckpt_path", str(checkpoints[-1]))
+    assert tested.returncode == 0, tested.stderr[-4000:]
+    assert "pixel_AUPRO" in tested.stdout + tested.stderr
