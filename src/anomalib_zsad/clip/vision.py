@@ -77,10 +77,12 @@ class VisionTower(nn.Module):
         """The position embeddings for a ``grid`` of patches, resized once per grid and weights.
 
         The cache key holds the parameter's version counter, so an optimiser step or
-        ``load_state_dict`` is seen; under autograd (a trained pos-embed) nothing is cached.
+        ``load_state_dict`` is seen; under autograd (a trained pos-embed) and while being traced for
+        export nothing is cached.
         """
         pe = self.positional_embedding
-        if pe.requires_grad and torch.is_grad_enabled():
+        if (pe.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            # trained, or traced (torch.export / compile): plain graph ops, no Python-side cache
             return resize_pos_embed(pe, grid, self.pos_embed_mode)
         key = (grid, pe.data_ptr(), pe._version, pe.device, pe.dtype)  # noqa: SLF001
         cached = self._pos_cache.get(key)

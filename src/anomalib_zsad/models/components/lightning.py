@@ -119,6 +119,20 @@ class ZeroShotModuleMixin:
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
 
+    def _freeze_for_export(self) -> None:
+        """Text features become a constant buffer: no tokenizer and no text tower get exported."""
+        freeze = getattr(self.model, "freeze_text_features", None)
+        if freeze is not None:
+            freeze()
+
+    def to_torch(self, *args, **kwargs) -> Any:  # noqa: ANN401
+        self._freeze_for_export()
+        return super().to_torch(*args, **kwargs)
+
+    def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401  (to_openvino goes through here)
+        self._freeze_for_export()
+        return super().to_onnx(*args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen CLIP out (1.7 GB for ViT-L/14@336): it is rebuilt from the
         hyper-parameters (backbone and weights) when the checkpoint is loaded."""
