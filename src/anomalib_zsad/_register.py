@@ -40,7 +40,10 @@ def activate() -> None:
             logger.exception("anomalib-zsad: could not import %s", name)
     allowed = getattr(sys.modules.get(TRIGGER), "ALLOWED_MODULES", None)
     if isinstance(allowed, set):
-        allowed.update({"anomalib_zsad.models", "anomalib_zsad.models.anomalyclip"})
+        models = sys.modules.get("anomalib_zsad.models")
+        allowed.add("anomalib_zsad.models")
+        for name in getattr(models, "__all__", ()):  # each model's package, e.g. anomalib_zsad.models.vand
+            allowed.add(getattr(models, name).__module__.rsplit(".", 1)[0])
 
 
 class _AfterAnomalibModels(importlib.abc.MetaPathFinder):

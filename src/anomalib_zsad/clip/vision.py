@@ -81,8 +81,12 @@ class VisionTower(nn.Module):
         export nothing is cached.
         """
         pe = self.positional_embedding
-        if (pe.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-            # trained, or traced (torch.export / compile): plain graph ops, no Python-side cache
+        if torch.compiler.is_compiling():
+            # Traced for export: the embedding resized by an eager pass becomes a constant of the
+            # graph (ONNX/OpenVINO have no antialiased bicubic resize); else resize in the graph.
+            cached = next((v for k, v in self._pos_cache.items() if k[0] == grid), None)
+            return cached if cached is not None else resize_pos_embed(pe, grid, self.pos_embed_mode)
+        if pe.requires_grad and torch.is_grad_enabled():
             return resize_pos_embed(pe, grid, self.pos_embed_mode)
         key = (grid, pe.data_ptr(), pe._version, pe.device, pe.dtype)  # noqa: SLF001
         cached = self._pos_cache.get(key)

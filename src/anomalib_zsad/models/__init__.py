@@ -1,6 +1,8 @@
 """The plugin's anomalib models. Importing this module registers them with anomalib's CLI and
 ``anomalib.models.get_model`` (each is a direct subclass of ``AnomalibModule``)."""
 
+from .aa_clip import AACLIP
 from .anomalyclip import AnomalyCLIP
+from .vand import Vand
 
-__all__ = ["AnomalyCLIP"]
+__all__ = ["AACLIP", "AnomalyCLIP", "Vand"]

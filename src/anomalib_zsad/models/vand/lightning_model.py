@@ -1,0 +1,241 @@
+"""VAND / APRIL-GAN as an anomalib model: ``anomalib train --model Vand``.
+
+Only the linear layers learn (on auxiliary data with masks, e.g. another data set's test split
+through ``anomalib_zsad.data.CrossDataset``); the CLIP stays frozen and is not stored in
+checkpoints. ``k_shot > 0`` adds the few-shot memory of ``k_shot`` normal images of the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data.predict import PredictDataset
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.visualization import Visualizer
+from torch import nn
+
+from anomalib_zsad.clip import load_clip
+from anomalib_zsad.models.components import ZeroShotModuleMixin, clip_pre_processor
+
+from .checkpoint import load_official_checkpoint
+from .loss import VandLoss, build_optimizer
+from .torch_model import VandModel
+
+logger = logging.getLogger(__name__)
+
+
+def class_name_from_path(path: str | os.PathLike, default: str) -> str:
+    """The category folder of an MVTec/VisA-layout image (``<category>/<train|test>/<kind>/<file>``).
+
+    The official code puts each image's own class into the prompts; anomalib batches carry no
+    class, but their paths do in these layouts. Any other layout gives ``default``.
+    """
+    parents = Path(path).parents
+    if len(parents) > 3 and parents[1].name in {"train", "test"}:  # noqa: PLR2004
+        return parents[2].name.replace("_", " ")
+    return default
+
+
+class Vand(ZeroShotModuleMixin, AnomalibModule):
+    """VAND / APRIL-GAN: zero-/few-shot anomaly segmentation (CVPR 2023 VAND challenge winner).
+
+    Args:
+        backbone: open_clip architecture (official ``ViT-L-14-336``; ``zsad-tiny`` for tests).
+        pretrained: open_clip tag (``openai``), a CLIP checkpoint path, or None for random weights.
+        image_size: input size of the default pre-processor (official 518).
+        checkpoint: an official ``{"trainable_linearlayer": ...}`` file (``visa_pretrained.pth`` to
+            test on MVTec AD, ``mvtec_pretrained.pth`` for VisA): the model is then ready at once.
+        feature_layers: vision blocks with a learnt linear map; None = 6, 12, 18, 24 of 24.
+        few_shot_layers: blocks of the few-shot memory; None = ``feature_layers``.
+        k_shot: normal reference images of the target for the few-shot memory (official 4; 0 =
+            zero-shot). Taken from ``few_shot_source`` or else the target's train split.
+        few_shot_source: folder of normal reference images.
+        few_shot_seed: seed of the draw of the reference images from the train split.
+        class_name: object name in the prompts; None = the datamodule's category, or each image's
+            category folder (MVTec/VisA layout) when ``class_names_from_paths``, else ``object``.
+        class_names_from_paths: per-image class names from the image paths in training and on
+            pooled evaluation sets, as the official code does.
+        activation: MLP activation of the CLIP: the official code runs OpenAI's weights with exact
+            ``gelu`` (its model config lacks ``quick_gelu``); ``auto`` follows the weights.
+        logit_scale: the official fixed 100.
+        lr, betas: Adam settings (official 1e-3, (0.5, 0.999)).
+        official_single_image_dice: the official per-row dice of one-image batches (see loss.py).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "ViT-L-14-336",
+        pretrained: str | None = "openai",
+        image_size: int | Sequence[int] = 518,
+        checkpoint: str | os.PathLike | None = None,
+        feature_layers: Sequence[int] | None = None,
+        few_shot_layers: Sequence[int] | None = None,
+        k_shot: int = 0,
+        few_shot_source: str | os.PathLike | None = None,
+        few_shot_seed: int = 42,
+        class_name: str | None = None,
+        class_names_from_paths: bool = True,
+        activation: str = "gelu",
+        logit_scale: float = 100.0,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.5, 0.999),
+        official_single_image_dice: bool = False,
+        seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = clip_pre_processor(tuple(image_size) if not isinstance(image_size, int) else image_size)
+        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
+                         visualizer=visualizer)
+        clip = load_clip(backbone, pretrained, activation=activation, pos_embed_mode="bicubic_antialias", seed=seed)
+        self.model = VandModel(clip, feature_layers=feature_layers, few_shot_layers=few_shot_layers,
+                               logit_scale=logit_scale, class_name=class_name or "object")
+        self.loss = VandLoss(official_single_image_dice)
+        self.lr = lr
+        self.betas = tuple(betas)
+        self.k_shot = int(k_shot)
+        self.few_shot_source = Path(few_shot_source) if few_shot_source else None
+        self.few_shot_seed = few_shot_seed
+        self.class_name = class_name
+        self.class_names_from_paths = class_names_from_paths
+        self._per_image_classes = False
+        self._is_setup = False
+        self._init_zero_shot_state(trained=False)
+        if checkpoint is not None:
+            self.load_official_checkpoint(checkpoint)
+
+    def load_official_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load official linear layers (``visa_pretrained.pth``); the model is then ready zero-shot."""
+        load_official_checkpoint(self.model, path)
+        self.learnt_parts_trained.fill_(True)
+
+    @property
+    def learning_type(self) -> LearningType:
+        """ONE_CLASS while untrained (``anomalib train`` trains the linear layers on auxiliary
+        data); then ZERO_SHOT, or FEW_SHOT with a ``k_shot`` memory (anomalib only validates)."""
+        learning_type = super().learning_type
+        if learning_type == LearningType.ZERO_SHOT and self.k_shot > 0:
+            return LearningType.FEW_SHOT
+        return learning_type
+
+    # --- set-up: class name, text features, few-shot memory ---------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Class name and text features for inference, and the few-shot memory (once)."""
+        del stage
+        if self._is_setup:
+            return
+        name = self._inference_class_name()
+        self.model.set_class_name(name)
+        self.model.freeze_text_features()
+        if self.k_shot > 0:
+            self.model.setup_few_shot(self._reference_images())
+        self._is_setup = True
+
+    def _datamodule(self) -> Any:  # noqa: ANN401
+        trainer = getattr(self, "_trainer", None)
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _inference_class_name(self) -> str:
+        if self.class_name:
+            return self.class_name
+        category = getattr(self._datamodule(), "category", None)
+        if isinstance(category, str) and category and "+" not in category:
+            return category.replace("_", " ")
+        # Pooled categories (``a+b``) or none: per-image names from the paths where possible.
+        self._per_image_classes = self.class_names_from_paths and isinstance(category, str) and "+" in category
+        return "object"
+
+    def _reference_images(self) -> torch.Tensor:
+        """``k_shot`` normal images of the target, pre-processed like the test images."""
+        if self.few_shot_source is not None:
+            dataset = PredictDataset(self.few_shot_source)
+        else:
+            datamodule = self._datamodule()
+            if datamodule is None:
+                msg = "k_shot > 0 needs reference images: pass few_shot_source or run through an Engine with data"
+                raise ValueError(msg)
+            dataset = self._target_train_split(datamodule)
+        count = len(dataset)
+        if count == 0:
+            msg = "no reference images found for the few-shot memory"
+            raise ValueError(msg)
+        generator = torch.Generator().manual_seed(self.few_shot_seed)
+        indices = torch.randperm(count, generator=generator)[: self.k_shot].tolist()
+        if count < self.k_shot:
+            logger.warning("k_shot=%d but only %d reference images: using them all", self.k_shot, count)
+        images = [dataset[index].image for index in indices]
+        transform = getattr(self.pre_processor, "transform", None) if self.pre_processor else None
+        images = [transform(image) if transform is not None else image for image in images]
+        return torch.stack([image.as_subclass(torch.Tensor) for image in images])
+
+    @staticmethod
+    def _target_train_split(datamodule: Any) -> Any:  # noqa: ANN401
+        """The train split (normal images) of the evaluated data set.
+
+        For ``CrossDataset`` the datamodule's own train split is the *auxiliary* data, so the
+        target datamodule is set up on its own for its train split.
+        """
+        target = getattr(datamodule, "target", None)
+        if target is not None:
+            target = copy.copy(target)  # the CrossDataset's own target keeps its state
+            categories = datamodule.target_categories()
+            if len(categories) != 1:
+                msg = f"few-shot needs one target category, got {categories}"
+                raise ValueError(msg)
+            target.category = categories[0]
+            target.setup("fit")
+            return target.train_data
+        if getattr(datamodule, "train_data", None) is None:
+            datamodule.setup("fit")
+        return datamodule.train_data
+
+    # --- training --------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model.trainable_linearlayer.parameters(), lr=self.lr, betas=self.betas)
+
+    def batch_class_names(self, batch: Any) -> list[str]:  # noqa: ANN401
+        default = self.class_name or self.model.class_name
+        paths = getattr(batch, "image_path", None)
+        if self.class_name or not self.class_names_from_paths or paths is None:
+            return [default] * batch.image.shape[0]
+        return [class_name_from_path(path, default) for path in paths]
+
+    def training_step(self, batch: Any, *args, **kwargs) -> torch.Tensor | None:  # noqa: ANN401
+        del args, kwargs
+        mask = self.masks_for_training(batch)
+        if mask is None:  # VAND has no image-level loss: nothing to learn from this batch
+            return None
+        text = self.model.batch_text_features(self.batch_class_names(batch))
+        probabilities = self.model.layer_probabilities(batch.image, text)
+        loss, focal, dice = self.loss(probabilities, mask)
+        size = batch.image.shape[0]
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train_focal", focal.sum(), on_step=False, on_epoch=True, batch_size=size)
+        self.log("train_dice", dice.sum(), on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    def validation_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
+        del args, kwargs
+        names = self.batch_class_names(batch) if self._per_image_classes else None
+        return batch.update(**self.model(batch.image, names)._asdict())
+
+    def test_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
+        return self.validation_step(batch, *args, **kwargs)
+
+    def predict_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
+        return self.validation_step(batch, *args, **kwargs)
