@@ -1,0 +1,283 @@
+"""CPU (and GPU) latency of AnomalyCLIP per image: torch eager, OpenVINO FP32 and INT8, and the
+official code on the same inputs and weights.
+
+    python benchmarks/latency.py                                   # ViT-L/14@336 at 518 px, random weights
+    python benchmarks/latency.py --official-src ~/src/AnomalyCLIP  # + the official code, same run
+    python benchmarks/latency.py --backbone zsad-tiny --image-size 224 --runs 3   # quick smoke run
+
+Each backend runs in its own process (so its peak memory is its own), with ``--threads`` threads,
+one warm-up and ``--runs`` timed images; the table gives min / median / max seconds per image,
+peak resident memory, the ratio to the official code (official median / this median) and the
+largest difference of score and map to our torch model on the same input (equal outputs are part
+of the comparison). Random weights are enough for timing (no weights can be downloaded here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BACKENDS = ("torch", "openvino", "openvino-int8", "official", "torch-cuda")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="ViT-L-14-336")
+    parser.add_argument("--image-size", type=int, default=518)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--official-src", type=Path, help="an export of github zqhang/AnomalyCLIP")
+    parser.add_argument("--backends", nargs="+", default=["torch", "openvino", "openvino-int8"], choices=BACKENDS)
+    parser.add_argument("--calibration-images", type=int, default=8, help="INT8 calibration set size")
+    parser.add_argument("--work-dir", type=Path, help="keep the exported models here")
+    parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace):  # noqa: ANN201
+    from anomalib_zsad.models import AnomalyCLIP  # noqa: PLC0415
+
+    model = AnomalyCLIP(backbone=args.backbone, pretrained=None, image_size=args.image_size).eval()
+    model.model.clip.set_activation("quick_gelu")  # as with OpenAI's weights, and as the official code always does
+    return model
+
+
+def time_calls(call, inputs, runs: int) -> list[float]:  # noqa: ANN001
+    call(inputs)  # warm-up (first call also fills caches: resized pos-embed, text features)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call(inputs)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(args: argparse.Namespace, work: Path) -> dict:
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads)
+    image = torch.load(work / "input.pt")
+    result: dict = {"backend": args.worker}
+    if args.worker in {"torch", "torch-cuda"}:
+        device = "cuda" if args.worker == "torch-cuda" else "cpu"
+        model = build_model(args).model.to(device)
+        inputs = image.to(device)
+
+        def call(x):  # noqa: ANN001, ANN202
+            with torch.inference_mode():
+                out = model(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        result["times"] = time_calls(call, inputs, args.runs)
+        out = call(inputs)
+        torch.save({"score": out.pred_score.cpu(), "map": out.anomaly_map.cpu()}, work / f"out-{args.worker}.pt")
+    elif args.worker in {"openvino", "openvino-int8"}:
+        import openvino as ov  # noqa: PLC0415
+
+        xml = work / ("model-int8.xml" if args.worker == "openvino-int8" else "openvino/weights/openvino/model.xml")
+        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": args.threads})
+        raw = torch.load(work / "input-raw.pt").numpy()
+        result["times"] = time_calls(compiled, raw, args.runs)
+        outputs = compiled(raw)
+        named = {port.get_any_name(): value for port, value in outputs.items()}
+        torch.save({"score": torch.as_tensor(named["pred_score"]).reshape(-1),
+                    "map": torch.as_tensor(named["anomaly_map"]).reshape(1, *image.shape[-2:])},
+                   work / f"out-{args.worker}.pt")
+    elif args.worker == "official":
+        result.update(official_worker(args, work, image))
+    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def official_worker(args: argparse.Namespace, work: Path, image) -> dict:  # noqa: ANN001
+    """The official test.py inference path (model_load.load, DPAM_replace(20), encode_image,
+    compute_similarity, get_similarity_map, scipy gaussian_filter), on our weights and prompts."""
+    import types  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from scipy.ndimage import gaussian_filter  # noqa: PLC0415
+
+    for name, attrs in (("pkg_resources", {"packaging": __import__("packaging.version")}), ("thop", {"profile": None})):
+        try:
+            __import__(name)
+        except ImportError:  # the official code imports these; neither is used for inference
+            sys.modules[name] = types.SimpleNamespace(**attrs)
+    sys.path.insert(0, str(args.official_src))
+    import AnomalyCLIP_lib  # noqa: PLC0415
+    from prompt_ensemble import AnomalyCLIP_PromptLearner  # noqa: PLC0415
+
+    details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
+    model, _ = AnomalyCLIP_lib.load(str(work / "clip-torchscript.pt"), device="cpu", design_details=details)
+    model.eval()
+    learner = AnomalyCLIP_PromptLearner(model.to("cpu"), details)
+    learner.load_state_dict(torch.load(work / "prompts.pt"), strict=False)
+    model.visual.DAPM_replace(DPAM_layer=20)
+    layers = list(json.loads((work / "layers.json").read_text()))
+    with torch.no_grad():
+        prompts, tokens, compound = learner(cls_id=None)
+        text = model.encode_text_learn(prompts, tokens, compound).float()
+        text = torch.stack(torch.chunk(text, dim=0, chunks=2), dim=1)
+        text = text / text.norm(dim=-1, keepdim=True)
+
+    def call(x):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            feats, patches = model.encode_image(x, layers, DPAM_layer=20)
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            score = ((feats @ text.permute(0, 2, 1)) / 0.07).softmax(-1)[:, 0, 1]
+            maps = []
+            for patch in patches:
+                patch = patch / patch.norm(dim=-1, keepdim=True)
+                sim, _ = AnomalyCLIP_lib.compute_similarity(patch, text[0])
+                sim = AnomalyCLIP_lib.get_similarity_map(sim[:, 1:, :], x.shape[-1])
+                maps.append((sim[..., 1] + 1 - sim[..., 0]) / 2.0)
+            amap = torch.stack(maps).sum(0)
+            amap = torch.stack([torch.from_numpy(gaussian_filter(m, sigma=4)) for m in amap.numpy()])
+        return score, amap
+
+    times = time_calls(call, image, args.runs)
+    score, amap = call(image)
+    torch.save({"score": score, "map": amap.to(torch.float32)}, work / "out-official.pt")
+    del np
+    return {"times": times}
+
+
+def prepare(args: argparse.Namespace, work: Path) -> None:
+    """Inputs, weights in the official formats, and the exported OpenVINO models."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = build_model(args)
+    raw = torch.rand(1, 3, args.image_size, args.image_size)
+    torch.save(raw, work / "input-raw.pt")
+    torch.save(model.pre_processor.transform(raw), work / "input.pt")
+    (work / "layers.json").write_text(json.dumps(model.model.feature_layers))
+    if "official" in args.backends:
+        export_official_weights(model, work)
+    if {"openvino", "openvino-int8"} & set(args.backends):
+        from anomalib.engine import Engine  # noqa: PLC0415
+
+        engine = Engine(accelerator="cpu", default_root_dir=work, logger=False)
+        xml = engine.export(model, export_type="openvino", export_root=work / "openvino",
+                            input_size=(args.image_size, args.image_size))
+        if "openvino-int8" in args.backends:
+            quantize(Path(xml), work / "model-int8.xml", args)
+
+
+def export_official_weights(model, work: Path) -> None:  # noqa: ANN001
+    """Our random CLIP as an OpenAI TorchScript archive (what the official loader reads) and our
+    prompts in the official ``{"prompt_learner": ...}`` layout, so both sides compute the same thing."""
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    clip = model.model.clip
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = clip.visual
+            for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+                setattr(self, name, getattr(clip.text, name))
+            self.logit_scale = clip.logit_scale
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return x + self.logit_scale
+
+    torch.jit.trace(Holder(), torch.zeros(1)).save(str(work / "clip-torchscript.pt"))
+    torch.save(model.model.prompt_learner.state_dict(), work / "prompts.pt")
+
+
+def quantize(xml: Path, target: Path, args: argparse.Namespace) -> None:
+    """NNCF post-training INT8 (transformer preset) calibrated on demo-set images."""
+    import nncf  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import openvino as ov  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    from anomalib_zsad.data import make_demo_dataset  # noqa: PLC0415
+
+    root = make_demo_dataset(xml.parent / "calibration_demo", seed=1, image_size=args.image_size)
+    paths = sorted(root.rglob("train/good/*.png"))[: args.calibration_images]
+    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None] / 255 for p in paths]
+    quantized = nncf.quantize(ov.Core().read_model(str(xml)), nncf.Dataset(images), subset_size=len(images),
+                              model_type=nncf.ModelType.TRANSFORMER)
+    ov.save_model(quantized, str(target))
+
+
+def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict | None:
+    command = [sys.executable, __file__, "--worker", backend, "--work-dir", str(work), "--backbone", args.backbone,
+               "--image-size", str(args.image_size), "--threads", str(args.threads), "--runs", str(args.runs)]
+    if args.official_src:
+        command += ["--official-src", str(args.official_src)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        print(f"{backend}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def report(results: list[dict], work: Path) -> str:
+    import torch  # noqa: PLC0415
+
+    reference = torch.load(work / "out-torch.pt") if (work / "out-torch.pt").exists() else None
+    official = next((r for r in results if r["backend"] == "official"), None)
+    lines = ["| backend | min s | median s | max s | peak MiB | speed-up vs official | max diff score / map vs torch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        median = statistics.median(r["times"])
+        ratio = f"{statistics.median(official['times']) / median:.2f}x" if official else "-"
+        diff = "-"
+        out = work / f"out-{r['backend']}.pt"
+        if reference is not None and out.exists():
+            other = torch.load(out)
+            diff = (f"{(other['score'] - reference['score']).abs().max():.1e} / "
+                    f"{(other['map'] - reference['map']).abs().max():.1e}")
+        lines.append(f"| {r['backend']} | {min(r['times']):.2f} | {median:.2f} | {max(r['times']):.2f} | "
+                     f"{r['peak_mib']:.0f} | {ratio} | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args, args.work_dir)))
+        return 0
+    if args.official_src:
+        args.backends = [*dict.fromkeys([*args.backends, "official"])]
+    try:
+        import torch  # noqa: PLC0415
+
+        if torch.cuda.is_available():
+            args.backends = [*dict.fromkeys([*args.backends, "torch-cuda"])]
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"preparing {args.backbone} at {args.image_size} px (random weights) in {work} ...", flush=True)
+        prepare(args, work)
+        results = []
+        for backend in args.backends:
+            print(f"timing {backend} ...", flush=True)
+            if (result := run_backend(backend, args, work)) is not None:
+                results.append(result)
+        print(f"\nAnomalyCLIP, {args.backbone}, {args.image_size}x{args.image_size}, batch 1, {args.threads} threads, "
+              f"{args.runs} runs after 1 warm-up\n")
+        print(report(results, work))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
