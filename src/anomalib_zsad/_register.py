@@ -1,16 +1,18 @@
 """Make anomalib find this plugin's models, at almost no start-up cost.
 
 A ``.pth`` file installed with the package calls :func:`install` at interpreter start. That only
-puts a tiny finder on ``sys.meta_path``; nothing heavy is imported. When some code later imports
+puts tiny finders on ``sys.meta_path``; nothing heavy is imported. When some code later imports
 ``anomalib.models`` (the ``anomalib`` CLI, ``get_model``, a user script), the finder lets the
-import run as usual and then imports :mod:`anomalib_zsad.models` and :mod:`anomalib_zsad.data`,
-so that:
+import run as usual and then imports :mod:`anomalib_zsad.models` and :mod:`anomalib_zsad.data`;
+when ``anomalib.cli.pipelines`` is imported, the plugin's benchmark pipeline (which runs
+zero-shot models, see ``docs/benchmark.md``) replaces anomalib's in its registry. So:
 
 * ``anomalib train --model AnomalyCLIP`` resolves the short name (jsonargparse lists the
   imported subclasses of ``AnomalibModule``);
 * ``anomalib.models.get_model("AnomalyCLIP")`` finds it (it scans direct subclasses);
 * ``get_model({"class_path": "anomalib_zsad.models.AnomalyCLIP"})`` passes anomalib's whitelist
-  of importable modules (``ALLOWED_MODULES``), to which the plugin's package is added.
+  of importable modules (``ALLOWED_MODULES``), to which the plugin's package is added;
+* ``anomalib benchmark`` runs zero-shot, few-shot, auxiliary-trained and full-shot models.
 
 Eager import from the ``.pth`` would cost seconds on every Python start (torch, anomalib); this
 costs nothing until anomalib itself is used. Set ``ANOMALIB_ZSAD_NO_AUTOLOAD=1`` to switch it off.
@@ -46,22 +48,44 @@ def activate() -> None:
             allowed.add(getattr(models, name).__module__.rsplit(".", 1)[0])
 
 
-class _AfterAnomalibModels(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of ``anomalib.models`` to run :func:`activate` after it."""
+def activate_benchmark(pipelines) -> None:  # noqa: ANN001
+    """Put the plugin's benchmark pipeline into anomalib's CLI registry (``anomalib benchmark``)."""
+    try:
+        from anomalib_zsad.benchmark import install_pipeline  # noqa: PLC0415
+
+        install_pipeline(pipelines.PIPELINE_REGISTRY)
+    except Exception:  # noqa: BLE001
+        logger.exception("anomalib-zsad: could not register the benchmark pipeline")
+
+
+# Module -> what to run right after it is imported. ``anomalib.cli.pipelines`` imports
+# ``anomalib.models`` before it defines ``PIPELINE_REGISTRY``, hence its own trigger.
+HOOKS = {
+    TRIGGER: lambda module: activate(),  # noqa: ARG005
+    "anomalib.cli.pipelines": activate_benchmark,
+}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader of ``trigger`` to run ``callback(module)`` after it."""
+
+    def __init__(self, trigger: str, callback) -> None:  # noqa: ANN001
+        self.trigger = trigger
+        self.callback = callback
 
     def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001, ANN201, ARG002
-        if fullname != TRIGGER:
+        if fullname != self.trigger:
             return None
         sys.meta_path.remove(self)  # once only, and no recursion into ourselves
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
-        loader = spec.loader
+        loader, callback = spec.loader, self.callback
         original_exec = loader.exec_module
 
         def exec_module(module):  # noqa: ANN001, ANN202
             original_exec(module)
-            activate()
+            callback(module)
 
         loader.exec_module = exec_module
         return spec
@@ -71,7 +95,8 @@ def install() -> None:
     """Called from ``anomalib_zsad_register.pth`` at interpreter start."""
     if os.environ.get("ANOMALIB_ZSAD_NO_AUTOLOAD") == "1":
         return
-    if TRIGGER in sys.modules:  # anomalib already imported (e.g. install() called late)
-        activate()
-    elif not any(isinstance(f, _AfterAnomalibModels) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterAnomalibModels())
+    for trigger, callback in HOOKS.items():
+        if trigger in sys.modules:  # already imported (install() called late)
+            callback(sys.modules[trigger])
+        elif not any(isinstance(f, _AfterImport) and f.trigger == trigger for f in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport(trigger, callback))

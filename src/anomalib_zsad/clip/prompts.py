@@ -48,6 +48,14 @@ VAND_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# --- AdaCLIP (TextEmbebddingLayer of github.com/caoyunkang/AdaCLIP) -----------------------------
+
+#: AdaCLIP uses VAND's state words and the first four of its templates.
+ADACLIP_NORMAL_STATES = VAND_NORMAL_STATES
+ADACLIP_ANOMALOUS_STATES = VAND_ANOMALOUS_STATES
+ADACLIP_TEMPLATES: tuple[str, ...] = VAND_TEMPLATES[:4]
+
+
 def ensemble_sentences(class_name: str, states: Sequence[str], templates: Sequence[str]) -> list[str]:
     """``[template.format(state.format(class_name)) for state in states for template in templates]``."""
     return [template.format(state.format(class_name)) for state in states for template in templates]

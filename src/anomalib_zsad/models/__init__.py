@@ -2,7 +2,8 @@
 ``anomalib.models.get_model`` (each is a direct subclass of ``AnomalibModule``)."""
 
 from .aa_clip import AACLIP
+from .adaclip import AdaCLIP
 from .anomalyclip import AnomalyCLIP
 from .vand import Vand
 
-__all__ = ["AACLIP", "AnomalyCLIP", "Vand"]
+__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "Vand"]

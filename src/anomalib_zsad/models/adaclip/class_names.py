@@ -1,0 +1,32 @@
+"""The object word of AdaCLIP's sentences, read from image paths.
+
+The official code puts each image's class name into its prompts (``"a bad photo of a damaged
+candle."``), also when training on all categories of an auxiliary data set. anomalib batches carry
+no category, but their ``image_path`` does: MVTec AD layout ``<root>/<category>/{train,test}/...``
+and VisA layout ``<root>/<category>/Data/Images/...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import PurePath
+
+SPLIT_FOLDERS = ("train", "test", "Data", "ground_truth", "validation")
+
+
+def class_name_from_path(path: str, default: str = "object") -> str:
+    """The folder above the split folder closest to the file (``bottle`` of
+    ``.../bottle/test/broken_large/000.png``), else ``default``."""
+    parts = PurePath(path).parts
+    for index in range(len(parts) - 2, 0, -1):
+        if parts[index] in SPLIT_FOLDERS:
+            return parts[index - 1]
+    return default
+
+
+def class_names_for(paths: Sequence[str] | None, setting: str, default: str = "object") -> list[str] | None:
+    """Per-image class names for ``class_name`` = ``"auto"`` (from the paths), or None (use the
+    model's fixed class name)."""
+    if setting != "auto" or not paths:
+        return None
+    return [class_name_from_path(str(p), default) for p in paths]

@@ -1,0 +1,1 @@
+"""Tests of the benchmark grid (anomalib_zsad.benchmark)."""
