@@ -4,6 +4,7 @@
 from .aa_clip import AACLIP
 from .adaclip import AdaCLIP
 from .anomalyclip import AnomalyCLIP
+from .bayes_pfl import BayesPFL
 from .vand import Vand
 
-__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "Vand"]
+__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BayesPFL", "Vand"]

@@ -1,0 +1,66 @@
+"""Export of Bayes-PFL (torch, OpenVINO) and the exported files in anomalib's inferencers.
+
+The prompts depend on the image, so the text tower is part of the graph; the class sentence's
+token embeddings, the Monte-Carlo noise and the stage are constants. Tolerance 1e-4 (fused
+kernels sum in another order; observed ~1e-6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.deploy import ExportType, OpenVINOInferencer, TorchInferencer
+from anomalib.engine import Engine
+
+from anomalib_zsad.models.bayes_pfl import BayesPFL
+
+TOLERANCE = 1e-4
+SMALL = {"num_samples": 2, "num_flows": 2, "prompt_num": 2, "topk": 20}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("export")
+    model = BayesPFL(backbone="zsad-tiny", pretrained=None, image_size=64, class_name="bottle", **SMALL).eval()
+    engine = Engine(accelerator="cpu", default_root_dir=root, logger=False)
+    paths = {kind: engine.export(model, export_type=kind, export_root=root / kind.value, input_size=(64, 64))
+             for kind in (ExportType.TORCH, ExportType.OPENVINO)}
+    return model, paths
+
+
+@pytest.mark.slow
+def test_openvino_equals_torch_for_one_and_two_images(exported) -> None:
+    model, paths = exported
+    inferencer = OpenVINOInferencer(path=paths[ExportType.OPENVINO], device="CPU")
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+    for batch in (images[:1], images):
+        result = inferencer.predict(batch.numpy())
+        count = batch.shape[0]
+        np.testing.assert_allclose(np.asarray(result.pred_score).reshape(count), expected.pred_score[:count].numpy(),
+                                   atol=TOLERANCE)
+        np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(count, 64, 64),
+                                   expected.anomaly_map[:count].numpy(), atol=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_exported_graph_has_no_token_embedding_table(exported) -> None:
+    _, paths = exported
+    xml = Path(paths[ExportType.OPENVINO]).read_text()
+    assert "49408" not in xml  # the class sentence was embedded once, before export
+
+
+@pytest.mark.slow
+def test_torch_inferencer_runs_the_exported_file(exported, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, paths = exported
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # anomalib refuses pickled models otherwise
+    inferencer = TorchInferencer(path=paths[ExportType.TORCH], device="cpu")
+    image = torch.rand(3, 64, 64)
+    result = inferencer.predict(image)
+    with torch.no_grad():
+        expected = model(image[None])
+    torch.testing.assert_close(result.pred_score.reshape(1), expected.pred_score, atol=TOLERANCE, rtol=0)
