@@ -8,6 +8,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from anomalib_zsad.models.components import BinaryDiceLoss, FocalLoss, GaussianBlur
+from anomalib_zsad.models.components.class_names import class_name_from_path, class_names_for
 
 
 @pytest.mark.parametrize(("sigma", "shape"), [(4.0, (2, 60, 45)), (1.5, (1, 9, 9)), (8.0, (1, 12, 20))])
@@ -26,3 +27,12 @@ def test_losses_reward_the_right_answer() -> None:
     focal, dice = FocalLoss(), BinaryDiceLoss()
     assert focal(right, mask) < focal(wrong, mask)
     assert dice(right[:, 1], mask) < 0.05 < dice(wrong[:, 1], mask)
+
+
+def test_class_names_come_from_the_data_set_layout() -> None:
+    assert class_name_from_path("/data/MVTecAD/metal_nut/test/scratch/000.png") == "metal_nut"
+    assert class_name_from_path("/data/visa/candle/Data/Images/Anomaly/001.JPG") == "candle"
+    assert class_name_from_path("/data/visa/candle/train/good/001.JPG") == "candle"
+    assert class_name_from_path("/some/folder/image.png") == "object"
+    assert class_names_for(["/d/bottle/test/good/0.png"], "auto") == ["bottle"]
+    assert class_names_for(["/d/bottle/test/good/0.png"], "screw") is None

@@ -12,7 +12,6 @@ from anomalib.engine import Engine
 
 from anomalib_zsad.data import CrossDataset
 from anomalib_zsad.models.bayes_pfl import BayesPFL, save_official_checkpoint
-from anomalib_zsad.models.bayes_pfl.lightning_model import category_from_path
 
 PAPER_METRICS = ("image_AUROC", "image_AUPR", "image_F1Max", "pixel_AUROC", "pixel_AUPRO", "pixel_F1Max")
 SMALL = {"num_samples": 2, "num_flows": 2, "prompt_num": 2, "topk": 20}
@@ -20,13 +19,6 @@ SMALL = {"num_samples": 2, "num_flows": 2, "prompt_num": 2, "topk": 20}
 
 def tiny_model(**kwargs) -> BayesPFL:
     return BayesPFL(backbone="zsad-tiny", pretrained=None, image_size=64, **(SMALL | kwargs))
-
-
-def test_category_from_path() -> None:
-    assert category_from_path("/data/MVTecAD/metal_nut/test/scratch/000.png") == "metal_nut"
-    assert category_from_path("/data/visa/candle/train/good/001.JPG") == "candle"
-    assert category_from_path("/some/folder/image.png") is None
-    assert category_from_path(None) is None
 
 
 def test_class_names_from_paths_or_fixed() -> None:

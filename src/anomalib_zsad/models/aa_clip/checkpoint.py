@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from anomalib_zsad.models.components.checkpoints import load_official_file
+
 from .torch_model import AACLIPModel
 
 _PARTS = {"text_adapter": "text_adapter.pth", "image_adapter": "image_adapter_<epoch>.pth"}
@@ -39,15 +41,7 @@ def _expand(path: Path) -> list[Path]:
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        msg = f"AA-CLIP checkpoint not found: {path}"
-        raise FileNotFoundError(msg)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = (f"could not read AA-CLIP checkpoint {path} ({type(error).__name__}: {error}); expected a file "
-               f"saved by the official train.py ({' or '.join(_PARTS.values())}). Is it complete?")
-        raise ValueError(msg) from error
+    content = load_official_file(path, "AA-CLIP", 'a file saved by the official train.py (text_adapter.pth or image_adapter_<epoch>.pth)')
     if not isinstance(content, dict) or not any(part in content for part in _PARTS):
         keys = list(content)[:6] if isinstance(content, dict) else type(content).__name__
         msg = (f"{path} is not an official AA-CLIP checkpoint: expected a dict with a 'text_adapter' or "

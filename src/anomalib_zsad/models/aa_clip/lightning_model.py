@@ -23,7 +23,7 @@ from anomalib_zsad.clip import load_clip
 from anomalib_zsad.models.components import ZeroShotModuleMixin, clip_pre_processor
 
 from .checkpoint import load_official_checkpoint
-from .class_names import class_names_for
+from anomalib_zsad.models.components.class_names import class_names_for
 from .loss import AACLIPLoss
 from .prompts import OFFICIAL_REAL_NAMES
 from .torch_model import AACLIPModel
@@ -91,8 +91,7 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True:
-            pre_processor = clip_pre_processor(tuple(image_size) if not isinstance(image_size, int) else image_size)
+        pre_processor = clip_pre_processor(image_size) if pre_processor is True else pre_processor
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
         if isinstance(real_names, str):

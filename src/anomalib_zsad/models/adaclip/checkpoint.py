@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anomalib_zsad.models.components.checkpoints import load_official_file
+
 OFFICIAL_PREFIX = "clip_model."
 CLIP_PREFIX = "clip."
 
@@ -24,16 +26,7 @@ CLIP_PREFIX = "clip."
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of an official file, without the ``clip_model.`` prefix; clear errors otherwise."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        msg = f"AdaCLIP checkpoint not found: {path}"
-        raise FileNotFoundError(msg)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = (f"could not read AdaCLIP checkpoint {path} ({type(error).__name__}: {str(error)[:200]}). "
-               "Expected an official AdaCLIP weight file (a torch state dict with 'clip_model.*' keys, "
-               "as AdaCLIP_Trainer.save() writes it); is the download complete?")
-        raise ValueError(msg) from error
+    content = load_official_file(path, "AdaCLIP", "an official AdaCLIP weight file (a torch state dict with 'clip_model.*' keys, as AdaCLIP_Trainer.save() writes it)")
     if not isinstance(content, Mapping) or not content or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items()):
         found = sorted(map(str, content))[:6] if isinstance(content, Mapping) else type(content).__name__

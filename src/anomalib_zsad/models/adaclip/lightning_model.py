@@ -22,7 +22,7 @@ from anomalib_zsad.clip import load_clip
 from anomalib_zsad.models.components import ZeroShotModuleMixin, clip_pre_processor
 
 from .checkpoint import load_official_checkpoint
-from .class_names import class_names_for
+from anomalib_zsad.models.components.class_names import class_names_for
 from .loss import AdaCLIPLoss
 from .torch_model import AdaCLIPModel
 
@@ -79,8 +79,7 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True:
-            pre_processor = clip_pre_processor(tuple(image_size) if not isinstance(image_size, int) else image_size)
+        pre_processor = clip_pre_processor(image_size) if pre_processor is True else pre_processor
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
         # The official code runs CLIP with exact GELU and bicubic pos-embed resizing (no antialias).

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from anomalib_zsad.models.components.checkpoints import load_official_file
+
 from .prompt_learner import AnomalyCLIPPromptLearner
 
 _LEARNT_PREFIXES = ("ctx_pos", "ctx_neg", "compound_prompts_text.")
@@ -21,16 +23,7 @@ _LEARNT_PREFIXES = ("ctx_pos", "ctx_neg", "compound_prompts_text.")
 def read_official_prompt_learner(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The learnt tensors of an official checkpoint; a clear error for anything else."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        msg = f"AnomalyCLIP checkpoint not found: {path}"
-        raise FileNotFoundError(msg)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = (f"could not read AnomalyCLIP checkpoint {path} ({type(error).__name__}: {error}). "
-               "Expected the official epoch_15.pth (a torch file holding {'prompt_learner': state_dict}); "
-               "is the download complete?")
-        raise ValueError(msg) from error
+    content = load_official_file(path, "AnomalyCLIP", "the official epoch_15.pth, a torch file holding {'prompt_learner': state_dict}")
     if not isinstance(content, dict) or "prompt_learner" not in content:
         found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
         msg = (f"{path} is not an official AnomalyCLIP checkpoint: expected a dict with key 'prompt_learner', "

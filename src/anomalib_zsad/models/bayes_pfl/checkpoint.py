@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from anomalib_zsad.models.components.checkpoints import load_official_file
+
 from .torch_model import BayesPFLModel
 
 #: alias prefix in the official file -> the prefix of the tensor it duplicates
@@ -48,15 +50,7 @@ def save_official_checkpoint(model: BayesPFLModel, path: str | os.PathLike) -> N
 
 
 def _read(path: Path) -> Mapping[str, torch.Tensor]:
-    if not path.is_file():
-        msg = f"Bayes-PFL checkpoint not found: {path}"
-        raise FileNotFoundError(msg)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = (f"could not read Bayes-PFL checkpoint {path}: {type(error).__name__}: {error}. Expected a file "
-               "saved by the official train.py, {'MyModel': state_dict}; is it complete?")
-        raise ValueError(msg) from error
+    content = load_official_file(path, "Bayes-PFL", "a file saved by the official train.py, {'MyModel': state_dict}")
     if isinstance(content, Mapping) and isinstance(content.get("MyModel"), Mapping):
         content = content["MyModel"]
     if not isinstance(content, Mapping) or not all(isinstance(v, torch.Tensor) for v in content.values()):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,20 +26,11 @@ from anomalib_zsad.models.components import ZeroShotModuleMixin, clip_pre_proces
 
 from .checkpoint import load_official_checkpoint
 from .optim import cosine_with_warmup, make_adam, stage1_param_groups, stage2_param_groups
+from anomalib_zsad.models.components.class_names import class_name_from_path
+
 from .torch_model import BayesPFLModel
 
 logger = logging.getLogger(__name__)
-
-
-def category_from_path(path: str | os.PathLike | None) -> str | None:
-    """``<root>/<category>/{train,test}/<defect>/<file>`` (MVTec AD, VisA, the demo set) -> category."""
-    if not path:
-        return None
-    parts = Path(path).parts
-    for index in range(len(parts) - 2, 0, -1):
-        if parts[index] in {"train", "test"}:
-            return parts[index - 1]
-    return None
 
 
 class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
@@ -95,8 +85,7 @@ class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True:
-            pre_processor = clip_pre_processor(tuple(image_size) if not isinstance(image_size, int) else image_size)
+        pre_processor = clip_pre_processor(image_size) if pre_processor is True else pre_processor
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
         clip = load_clip(backbone, pretrained, activation=activation, pos_embed_mode="bicubic_antialias", seed=seed)
@@ -131,7 +120,7 @@ class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
         paths = getattr(batch, "image_path", None)
         if not paths:
             return None
-        names = [category_from_path(p) or self.model.class_name for p in paths]
+        names = [class_name_from_path(str(p), self.model.class_name) for p in paths]
         return names if any(n != self.model.class_name for n in names) else None
 
     # ------------------------------------------------------------------ training

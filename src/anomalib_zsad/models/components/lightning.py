@@ -22,6 +22,7 @@ A Lightning checkpoint restores both the "trained" flag and the thresholds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,8 +39,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FROZEN_PREFIX = "model.clip."
 
 
-def clip_pre_processor(image_size: int | tuple[int, int] = 518) -> PreProcessor:
-    """Resize (bicubic, as CLIP) and CLIP's normalisation; masks follow the image size."""
+def clip_pre_processor(image_size: int | Sequence[int] = 518) -> PreProcessor:
+    """Resize (bicubic, as CLIP) and CLIP's normalisation; masks follow the image size.
+    ``image_size`` is a side or (height, width), as a YAML list gives it."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return PreProcessor(transform=Compose([
         Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),

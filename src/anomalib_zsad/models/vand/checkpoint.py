@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from anomalib_zsad.models.components.checkpoints import load_official_file
+
 from .torch_model import VandModel
 
 CHECKPOINT_KEY = "trainable_linearlayer"
@@ -27,15 +29,7 @@ def _expected_shapes(model: VandModel) -> dict[str, tuple[int, ...]]:
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The linear layers' state dict in an official file, or a ``ValueError`` naming the file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        msg = f"VAND checkpoint not found: {path}"
-        raise FileNotFoundError(msg)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = (f"could not read VAND checkpoint {path}: {type(error).__name__}: {error}. Is the file complete "
-               f"(official files hold {{'{CHECKPOINT_KEY}': state_dict}})?")
-        raise ValueError(msg) from error
+    content = load_official_file(path, "VAND", "an official file, {'trainable_linearlayer': state_dict} as train.py saves it")
     if not isinstance(content, Mapping) or CHECKPOINT_KEY not in content:
         found = sorted(content)[:8] if isinstance(content, Mapping) else type(content).__name__
         msg = (f"{path} is not an official VAND checkpoint: expected a dict with key '{CHECKPOINT_KEY}' "

@@ -94,8 +94,7 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True:
-            pre_processor = clip_pre_processor(tuple(image_size) if not isinstance(image_size, int) else image_size)
+        pre_processor = clip_pre_processor(image_size) if pre_processor is True else pre_processor
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
         clip = load_clip(backbone, pretrained, activation=activation, pos_embed_mode="bicubic_antialias", seed=seed)
