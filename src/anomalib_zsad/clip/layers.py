@@ -18,7 +18,13 @@ class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the activation OpenAI's CLIP weights were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        # Inference: the same operations in the same order, in place on one buffer. On ViT-L at
+        # 518 px the two temporaries of the expression above cost ~5 % of the whole forward.
+        out = torch.mul(x, 1.702)
+        out.sigmoid_()
+        return out.mul_(x)
 
 
 def make_activation(name: str) -> nn.Module:
