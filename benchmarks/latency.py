@@ -99,8 +99,20 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
                    work / f"out-{args.worker}.pt")
     elif args.worker == "official":
         result.update(official_worker(args, work, image))
-    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mib"] = peak_rss_mib()
     return result
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's ``VmHWM`` starts anew at ``exec``; ``ru_maxrss``
+    would also count the parent's memory at the ``fork`` (here: the exported models)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def official_worker(args: argparse.Namespace, work: Path, image) -> dict:  # noqa: ANN001
