@@ -65,3 +65,30 @@ def test_untrained_auxiliary_model_without_train_data_is_refused(demo_root: Path
     entry = {k: v for k, v in anomalyclip_entry(demo_root).items() if k != "train_data"}
     row = _job(demo_root, tmp_path, "brick", entry).run()
     assert row["status"].startswith("failed: ValueError") and "train_data" in row["status"]
+
+
+def test_trained_state_keeps_extra_state_and_skips_frozen() -> None:
+    """Modules may keep non-tensor extra state in their state dict (Bayes-PFL does)."""
+    from anomalib_zsad.benchmark.job import load_trained_state, trained_state  # noqa: PLC0415
+
+    class WithExtraState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.learnt = torch.nn.Parameter(torch.ones(2))
+            self.frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+        def get_extra_state(self) -> dict:
+            return {"stage": 2}
+
+        def set_extra_state(self, state: dict) -> None:
+            self.stage = state["stage"]
+
+    state = trained_state(WithExtraState())
+    assert state["_extra_state"] == {"stage": 2}
+    assert "frozen" not in state
+    assert torch.equal(state["learnt"], torch.ones(2))
+    fresh = WithExtraState()
+    with torch.no_grad():
+        fresh.learnt.zero_()
+    assert load_trained_state(fresh, state, ["learnt"]) == []
+    assert fresh.stage == 2 and torch.equal(fresh.learnt, torch.ones(2))

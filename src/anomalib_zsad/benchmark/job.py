@@ -118,7 +118,9 @@ def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     the fresh model already holds identical values.
     """
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+    # ``state_dict`` may also hold a module's extra state (any picklable value, e.g. Bayes-PFL's)
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in model.state_dict().items() if k not in frozen}
 
 
 def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], trainable: list[str]) -> list[str]:
@@ -130,7 +132,8 @@ def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], t
     Returns the skipped keys.
     """
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = {k: v for k, v in state.items()
+              if k in own and (not isinstance(v, torch.Tensor) or own[k].shape == v.shape)}
     lost = sorted(set(trainable) - set(usable))
     if lost:
         msg = f"cached weights do not fit the model: trainable tensors {lost[:5]} missing or reshaped"
