@@ -10,7 +10,7 @@ import torch
 from anomalib_zsad.clip import ClipModel
 
 from anomalib_zsad.models.adaclip import AdaCLIPLoss, AdaCLIPModel
-from anomalib_zsad.models.adaclip.class_names import class_name_from_path, class_names_for
+from anomalib_zsad.models.components.class_names import class_name_from_path, class_names_for
 from anomalib_zsad.models.adaclip.hsf import HybridSemanticFusion, kmeans_labels, sklearn_kmeans_labels
 from anomalib_zsad.models.adaclip.torch_model import default_feature_layers
 

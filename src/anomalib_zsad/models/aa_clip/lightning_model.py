@@ -155,17 +155,8 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
                  batch_size=batch.image.shape[0])
         return terms["loss"].detach()
 
-    def validation_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        del args, kwargs
-        names = class_names_for(getattr(batch, "image_path", None), self.class_name, self.model.class_name)
-        return batch.update(**self.model(batch.image, names)._asdict())
-
-    def test_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        """As validation: the anchors are those of each image's class."""
-        return self.validation_step(batch, *args, **kwargs)
-
-    def predict_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.validation_step(batch, *args, **kwargs)
+    def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
+        return class_names_for(getattr(batch, "image_path", None), self.class_name, self.model.class_name)
 
     def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401
         """Export with the anchors of ``model.class_name`` stored as a constant (no text tower,

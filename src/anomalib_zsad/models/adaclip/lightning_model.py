@@ -121,13 +121,5 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
                  batch_size=batch.image.shape[0])
         return terms["loss"]
 
-    def validation_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        del args, kwargs
-        return batch.update(**self.model(batch.image, self._class_names(batch))._asdict())
-
-    def test_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        """As validation: the prompts name each image's class (anomalib's default passes images only)."""
-        return self.validation_step(batch, *args, **kwargs)
-
-    def predict_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.validation_step(batch, *args, **kwargs)
+    def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
+        return self._class_names(batch)

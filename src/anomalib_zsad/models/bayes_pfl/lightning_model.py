@@ -173,12 +173,5 @@ class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
             self.model.inference_stage = 1
 
     # ------------------------------------------------------------------ evaluation
-    def validation_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        del args, kwargs
-        return batch.update(**self.model(batch.image, self.class_names(batch))._asdict())
-
-    def test_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.validation_step(batch, *args, **kwargs)
-
-    def predict_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.validation_step(batch, *args, **kwargs)
+    def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
+        return self.class_names(batch)

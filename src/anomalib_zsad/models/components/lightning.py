@@ -117,9 +117,23 @@ class ZeroShotModuleMixin:
             mask = mask[:, 0]
         return (mask > 0.5).float()
 
+    def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401, ARG002
+        """Per-image class names for models whose prompts name the object; None: the model's own."""
+        return None
+
     def validation_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
+        """Also the test and predict step: anomalib's defaults pass images only, these models may
+        also need each image's class name (:meth:`inference_class_names`)."""
         del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
+        names = self.inference_class_names(batch)
+        outputs = self.model(batch.image) if names is None else self.model(batch.image, names)
+        return batch.update(**outputs._asdict())
+
+    def test_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
+        return self.validation_step(batch, *args, **kwargs)
+
+    def predict_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
+        return self.validation_step(batch, *args, **kwargs)
 
     def _freeze_for_export(self) -> None:
         """Text features become a constant buffer: no tokenizer and no text tower get exported."""

@@ -228,13 +228,5 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
 
     # --- evaluation ------------------------------------------------------------------------------
 
-    def validation_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        del args, kwargs
-        names = self.batch_class_names(batch) if self._per_image_classes else None
-        return batch.update(**self.model(batch.image, names)._asdict())
-
-    def test_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.validation_step(batch, *args, **kwargs)
-
-    def predict_step(self, batch: Any, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.validation_step(batch, *args, **kwargs)
+    def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
+        return self.batch_class_names(batch) if self._per_image_classes else None
