@@ -60,3 +60,39 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "zsad_demo", seed=0,
                              categories=("brick", "grass", "coffee"), image_size=64,
                              n_train=2, n_test_good=2, n_test_defect=4)
+
+
+def assert_reloads_identically(model, checkpoint: Path, size: int = 64):  # noqa: ANN001, ANN201
+    """A Lightning checkpoint of a plugin model leaves the frozen CLIP out, says the learnt parts
+    were trained, and reloads to bit-identical scores and maps. Returns the reloaded model."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert not any(k.startswith("model.clip.") for k in stored), "the frozen CLIP was stored"
+    reloaded = type(model).load_from_checkpoint(checkpoint, weights_only=False)
+    assert bool(reloaded.learnt_parts_trained)
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        expected, actual = model.model(images), reloaded.model(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, atol=0, rtol=0)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=0, rtol=0)
+    return reloaded
+
+
+def assert_openvino_equals_torch(model, xml_path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:  # noqa: ANN001
+    """The exported OpenVINO model gives the torch model's scores and maps within ``tolerance``,
+    for one image and for two (the exported batch size stays dynamic)."""
+    import numpy as np  # noqa: PLC0415
+    from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
+
+    inferencer = OpenVINOInferencer(path=xml_path, device="CPU")
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(images)
+    for batch in (images[:1], images):
+        result = inferencer.predict(batch.numpy())
+        count = batch.shape[0]
+        np.testing.assert_allclose(np.asarray(result.pred_score).reshape(count), expected.pred_score[:count].numpy(),
+                                   atol=tolerance)
+        np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(count, size, size),
+                                   expected.anomaly_map[:count].numpy(), atol=tolerance)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import assert_openvino_equals_torch
 
 from anomalib_zsad.models.adaclip import AdaCLIPModel
 from anomalib_zsad.models.adaclip import hsf as hsf_module
@@ -58,7 +58,7 @@ def test_torch_export_matches_eager(tiny_clip) -> None:
 def test_openvino_equals_torch_for_one_and_two_images(tmp_path: Path) -> None:
     pytest.importorskip("openvino")
     pytest.importorskip("onnxscript")
-    from anomalib.deploy import ExportType, OpenVINOInferencer  # noqa: PLC0415
+    from anomalib.deploy import ExportType  # noqa: PLC0415
     from anomalib.engine import Engine  # noqa: PLC0415
 
     from anomalib_zsad.models.adaclip import AdaCLIP  # noqa: PLC0415
@@ -67,14 +67,4 @@ def test_openvino_equals_torch_for_one_and_two_images(tmp_path: Path) -> None:
                     round_prompts_to_fp16=False).eval()
     engine = Engine(accelerator="cpu", default_root_dir=tmp_path, logger=False)
     path = engine.export(model, export_type=ExportType.OPENVINO, export_root=tmp_path, input_size=(64, 64))
-    inferencer = OpenVINOInferencer(path=path, device="CPU")
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(images)
-    for batch in (images[:1], images):
-        result = inferencer.predict(batch.numpy())
-        count = batch.shape[0]
-        np.testing.assert_allclose(np.asarray(result.pred_score).reshape(count), expected.pred_score[:count].numpy(),
-                                   atol=TOLERANCE)
-        np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(count, 64, 64),
-                                   expected.anomaly_map[:count].numpy(), atol=TOLERANCE)
+    assert_openvino_equals_torch(model, path, tolerance=TOLERANCE)

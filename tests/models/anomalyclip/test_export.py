@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from anomalib.deploy import ExportType, OpenVINOInferencer, TorchInferencer
+from conftest import assert_openvino_equals_torch
+from anomalib.deploy import ExportType, TorchInferencer
 from anomalib.engine import Engine
 
 from anomalib_zsad.models import AnomalyCLIP
@@ -32,17 +32,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_openvino_equals_torch_for_one_and_two_images(exported) -> None:
     model, paths = exported
-    inferencer = OpenVINOInferencer(path=paths[ExportType.OPENVINO], device="CPU")
-    images = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(images)
-    for batch in (images[:1], images):
-        result = inferencer.predict(batch.numpy())
-        count = batch.shape[0]
-        np.testing.assert_allclose(np.asarray(result.pred_score).reshape(count), expected.pred_score[:count].numpy(),
-                                   atol=TOLERANCE)
-        np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(count, 64, 64),
-                                   expected.anomaly_map[:count].numpy(), atol=TOLERANCE)
+    assert_openvino_equals_torch(model, paths[ExportType.OPENVINO], tolerance=TOLERANCE)
 
 
 @pytest.mark.slow
