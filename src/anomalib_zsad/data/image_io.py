@@ -64,19 +64,25 @@ def load_rgb_array(path: str | Path) -> np.ndarray:
         DatasetError: if the file is missing, not an image, truncated or otherwise unreadable.
             The message names the file and says what to do.
     """
+    return _decode_file(path, pil_to_rgb_array, "Image", "image",
+                        "Check the dataset root/paths, or remove the entry that refers to it.",
+                        "The file is corrupt, truncated or not an image; re-export it (e.g. as PNG) or delete it "
+                        "from the data set.")
+
+
+def _decode_file(path: str | Path, decode, kind: str, noun: str, missing_hint: str, broken_hint: str):  # noqa: ANN001, ANN202
+    """Open ``path`` with PIL and return ``decode(image)``; a missing or unreadable file raises a
+    :class:`DatasetError` that names it and says what to do (``missing_hint`` / ``broken_hint``)."""
     path = Path(path)
     if not path.is_file():
-        msg = f"Image file not found: '{path}'. Check the dataset root/paths, or remove the entry that refers to it."
+        msg = f"{kind} file not found: '{path}'. {missing_hint}"
         raise DatasetError(msg)
     try:
         with Image.open(path) as image:
             image.load()
-            return pil_to_rgb_array(image)
+            return decode(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        msg = (
-            f"Cannot read image '{path}': {error}. The file is corrupt, truncated or not an image; "
-            "re-export it (e.g. as PNG) or delete it from the data set."
-        )
+        msg = f"Cannot read {noun} '{path}': {error}. {broken_hint}"
         raise DatasetError(msg) from error
 
 
@@ -95,24 +101,20 @@ def read_image_rgb(path: str | Path, as_tensor: bool = False):  # noqa: ANN201 (
     return to_dtype(to_image(array), torch.float32, scale=True)
 
 
+def _mask_array(image: Image.Image) -> np.ndarray:
+    wide = image.mode.startswith("I") or image.mode == "F"
+    return np.asarray(image if wide else image.convert("L"))  # "L" ignores alpha
+
+
 def read_mask_binary(path: str | Path, as_tensor: bool = False):  # noqa: ANN201
     """Read a mask (any mode/bit depth) as binary; non-zero pixels are anomalous.
 
     Same return contract as :func:`anomalib.data.utils.read_mask`, but a broken file raises a
     :class:`DatasetError` naming it.
     """
-    path = Path(path)
-    if not path.is_file():
-        msg = f"Mask file not found: '{path}'. Every anomalous image needs a mask, or none of its data set does."
-        raise DatasetError(msg)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            wide = image.mode.startswith("I") or image.mode == "F"
-            mask = np.asarray(image if wide else image.convert("L"))  # "L" ignores alpha
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        msg = f"Cannot read mask '{path}': {error}. Re-export it as a single-channel PNG (0 = normal, >0 = defect)."
-        raise DatasetError(msg) from error
+    mask = _decode_file(path, _mask_array, "Mask", "mask",
+                        "Every anomalous image needs a mask, or none of its data set does.",
+                        "Re-export it as a single-channel PNG (0 = normal, >0 = defect).")
     if not as_tensor:
         return (mask > 0).astype(np.uint8) * 255
     import torch
