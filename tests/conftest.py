@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,20 +80,30 @@ def assert_reloads_identically(model, checkpoint: Path, size: int = 64):  # noqa
     return reloaded
 
 
-def assert_openvino_equals_torch(model, xml_path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:  # noqa: ANN001
-    """The exported OpenVINO model gives the torch model's scores and maps within ``tolerance``,
-    for one image and for two (the exported batch size stays dynamic)."""
-    import numpy as np  # noqa: PLC0415
+def run_export(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of an exported file on a batch in [0, 1]: an OpenVINO ``.xml`` through
+    anomalib's ``OpenVINOInferencer``, an ``.onnx`` through onnxruntime (what ONNX users run)."""
+    if Path(path).suffix == ".onnx":
+        import onnxruntime  # noqa: PLC0415
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images}), strict=True))
+        return outputs["pred_score"], outputs["anomaly_map"]
     from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
 
-    inferencer = OpenVINOInferencer(path=xml_path, device="CPU")
+    result = OpenVINOInferencer(path=path, device="CPU").predict(images)
+    return np.asarray(result.pred_score), np.asarray(result.anomaly_map)
+
+
+def assert_export_equals_torch(model, path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:  # noqa: ANN001
+    """The exported model (OpenVINO or ONNX) gives the torch model's scores and maps within
+    ``tolerance``, for one image and for two (the exported batch size stays dynamic)."""
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(images)
-    for batch in (images[:1], images):
-        result = inferencer.predict(batch.numpy())
-        count = batch.shape[0]
-        np.testing.assert_allclose(np.asarray(result.pred_score).reshape(count), expected.pred_score[:count].numpy(),
+    for count in (1, 2):
+        scores, maps = run_export(path, images[:count].numpy())
+        np.testing.assert_allclose(scores.reshape(count), expected.pred_score[:count].numpy(), atol=tolerance)
+        np.testing.assert_allclose(maps.reshape(count, size, size), expected.anomaly_map[:count].numpy(),
                                    atol=tolerance)
-        np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(count, size, size),
-                                   expected.anomaly_map[:count].numpy(), atol=tolerance)

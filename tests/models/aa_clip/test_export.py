@@ -5,23 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_export_equals_torch
 
 from anomalib_zsad.models.aa_clip import AACLIP
 
 
 @pytest.mark.slow
-def test_openvino_matches_torch(tmp_path: Path) -> None:
-    ov = pytest.importorskip("openvino")
+@pytest.mark.parametrize("kind", ["openvino", "onnx"])
+def test_openvino_and_onnx_equal_torch(tmp_path: Path, kind: str) -> None:
     pytest.importorskip("onnxscript")
     model = AACLIP(backbone="zsad-tiny", pretrained=None, image_size=224, class_name="candle").eval()
-    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(images)
-    path = model.to_openvino(tmp_path, input_size=(224, 224))
+    path = getattr(model, f"to_{kind}")(tmp_path, input_size=(224, 224))
     assert model.model._frozen  # noqa: SLF001  (anchors stored, no text tower exported)
-    compiled = ov.Core().compile_model(str(path), "CPU")
-    outputs = compiled(images.numpy())
-    result = {port.get_any_name(): torch.from_numpy(outputs[port]) for port in compiled.outputs}
-    assert torch.allclose(result["pred_score"], expected.pred_score, atol=1e-5)
-    assert torch.allclose(result["anomaly_map"], expected.anomaly_map, atol=1e-4)
+    assert_export_equals_torch(model, path, size=224, tolerance=1e-4)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_openvino_equals_torch
+from conftest import assert_export_equals_torch
 
 from anomalib_zsad.models.adaclip import AdaCLIPModel
 from anomalib_zsad.models.adaclip import hsf as hsf_module
@@ -55,7 +55,8 @@ def test_torch_export_matches_eager(tiny_clip) -> None:
 
 
 @pytest.mark.slow
-def test_openvino_equals_torch_for_one_and_two_images(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["openvino", "onnx"])
+def test_openvino_and_onnx_equal_torch_for_one_and_two_images(tmp_path: Path, kind: str) -> None:
     pytest.importorskip("openvino")
     pytest.importorskip("onnxscript")
     from anomalib.deploy import ExportType  # noqa: PLC0415
@@ -66,5 +67,5 @@ def test_openvino_equals_torch_for_one_and_two_images(tmp_path: Path) -> None:
     model = AdaCLIP(backbone="zsad-tiny", pretrained=None, image_size=64, class_name="candle",
                     round_prompts_to_fp16=False).eval()
     engine = Engine(accelerator="cpu", default_root_dir=tmp_path, logger=False)
-    path = engine.export(model, export_type=ExportType.OPENVINO, export_root=tmp_path, input_size=(64, 64))
-    assert_openvino_equals_torch(model, path, tolerance=TOLERANCE)
+    path = engine.export(model, export_type=ExportType(kind), export_root=tmp_path, input_size=(64, 64))
+    assert_export_equals_torch(model, path, tolerance=TOLERANCE)

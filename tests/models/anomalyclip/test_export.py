@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_openvino_equals_torch
+from conftest import assert_export_equals_torch
 from anomalib.deploy import ExportType, TorchInferencer
 from anomalib.engine import Engine
 
@@ -25,14 +25,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     model = AnomalyCLIP(backbone="zsad-tiny", pretrained=None, image_size=64).eval()
     engine = Engine(accelerator="cpu", default_root_dir=root, logger=False)
     paths = {kind: engine.export(model, export_type=kind, export_root=root / kind.value, input_size=(64, 64))
-             for kind in (ExportType.TORCH, ExportType.OPENVINO)}
+             for kind in (ExportType.TORCH, ExportType.OPENVINO, ExportType.ONNX)}
     return model, paths
 
 
 @pytest.mark.slow
-def test_openvino_equals_torch_for_one_and_two_images(exported) -> None:
+@pytest.mark.parametrize("kind", [ExportType.OPENVINO, ExportType.ONNX])
+def test_openvino_and_onnx_equal_torch_for_one_and_two_images(exported, kind: ExportType) -> None:
     model, paths = exported
-    assert_openvino_equals_torch(model, paths[ExportType.OPENVINO], tolerance=TOLERANCE)
+    assert_export_equals_torch(model, paths[kind], tolerance=TOLERANCE)
 
 
 @pytest.mark.slow

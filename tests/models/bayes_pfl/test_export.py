@@ -1,4 +1,4 @@
-"""Export of Bayes-PFL (torch, OpenVINO) and the exported files in anomalib's inferencers.
+"""Export of Bayes-PFL (torch, ONNX, OpenVINO) and the exported files in anomalib's inferencers.
 
 The prompts depend on the image, so the text tower is part of the graph; the class sentence's
 token embeddings, the Monte-Carlo noise and the stage are constants. Tolerance 1e-4 (fused
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_openvino_equals_torch
+from conftest import assert_export_equals_torch
 from anomalib.deploy import ExportType, TorchInferencer
 from anomalib.engine import Engine
 
@@ -27,14 +27,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     model = BayesPFL(backbone="zsad-tiny", pretrained=None, image_size=64, class_name="bottle", **SMALL).eval()
     engine = Engine(accelerator="cpu", default_root_dir=root, logger=False)
     paths = {kind: engine.export(model, export_type=kind, export_root=root / kind.value, input_size=(64, 64))
-             for kind in (ExportType.TORCH, ExportType.OPENVINO)}
+             for kind in (ExportType.TORCH, ExportType.OPENVINO, ExportType.ONNX)}
     return model, paths
 
 
 @pytest.mark.slow
-def test_openvino_equals_torch_for_one_and_two_images(exported) -> None:
+@pytest.mark.parametrize("kind", [ExportType.OPENVINO, ExportType.ONNX])
+def test_openvino_and_onnx_equal_torch_for_one_and_two_images(exported, kind: ExportType) -> None:
     model, paths = exported
-    assert_openvino_equals_torch(model, paths[ExportType.OPENVINO], tolerance=TOLERANCE)
+    assert_export_equals_torch(model, paths[kind], tolerance=TOLERANCE)
 
 
 @pytest.mark.slow

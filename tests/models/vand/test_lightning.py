@@ -11,6 +11,7 @@ from anomalib import LearningType
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
+from conftest import assert_export_equals_torch
 
 from anomalib_zsad.data import CrossDataset
 from anomalib_zsad.data.demo import make_demo_dataset
@@ -94,17 +95,9 @@ def test_few_shot_references_come_from_the_target_train_split(demo_root: Path) -
 
 
 @pytest.mark.slow
-def test_openvino_export_matches_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["openvino", "onnx"])
+def test_openvino_and_onnx_export_match_torch(tmp_path: Path, kind: str) -> None:
     """The exported graph maps images to pred_score and anomaly_map with the text features baked in."""
-    ov = pytest.importorskip("openvino")
     model = Vand(**TINY_MODEL, class_name="grass").eval()
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(images)
-    path = model.to_openvino(tmp_path, input_size=(64, 64))
-    compiled = ov.Core().compile_model(str(path), "CPU")
-    result = compiled(images.numpy())
-    score = torch.from_numpy(result[compiled.output("pred_score")])
-    anomaly_map = torch.from_numpy(result[compiled.output("anomaly_map")])
-    torch.testing.assert_close(score, expected.pred_score, atol=1e-5, rtol=0)
-    torch.testing.assert_close(anomaly_map.reshape(expected.anomaly_map.shape), expected.anomaly_map, atol=1e-4, rtol=0)
+    path = getattr(model, f"to_{kind}")(tmp_path, input_size=(64, 64))
+    assert_export_equals_torch(model, path, size=64, tolerance=1e-4)

@@ -32,6 +32,8 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
+from .quantization import quantize_ov_model
+
 logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -148,6 +150,22 @@ class ZeroShotModuleMixin:
     def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401  (to_openvino goes through here)
         self._freeze_for_export()
         return super().to_onnx(*args, **kwargs)
+
+    def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:  # noqa: ANN401
+        """``--compression_type int8_ptq``: anomalib's calibration data (the datamodule's validation
+        images), with the settings that suit a CLIP ViT (:mod:`.quantization`) instead of NNCF's
+        generic preset. For the zero-shot protocol, export with a datamodule over the *auxiliary*
+        data so that no target image is used, even unlabelled."""
+        if datamodule is None:
+            msg = "INT8_PTQ needs a datamodule for its calibration images (engine.export(..., datamodule=...))"
+            raise ValueError(msg)
+        datamodule.setup("fit")
+        if model.input(0).partial_shape[0].is_static:
+            datamodule.train_batch_size = model.input(0).shape[0]
+        dataloader = datamodule.val_dataloader()
+        if len(dataloader.dataset) < 300:
+            logger.warning("%d calibration images; anomalib recommends at least 300", len(dataloader.dataset))
+        return quantize_ov_model(model, dataloader)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen CLIP out (1.7 GB for ViT-L/14@336): it is rebuilt from the

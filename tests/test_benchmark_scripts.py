@@ -1,0 +1,50 @@
+"""The deployment scripts of benchmarks/ run end to end on a tiny random CLIP and print their tables."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, cwd=cwd,
+                          check=False, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+@pytest.mark.slow
+def test_latency_script_times_torch_openvino_and_int8(tmp_path: Path) -> None:
+    output = run_script("latency.py", "--backbone", "zsad-tiny", "--image-size", "64", "--runs", "1",
+                        "--backends", "torch", "openvino", "openvino-int8", "--calibration-images", "2", cwd=tmp_path)
+    rows = table_rows(output)
+    assert set(rows) == {"torch", "openvino", "openvino-int8"}
+    for cells in rows.values():
+        assert float(cells[1]) > 0  # median seconds
+    score_diff, map_diff = (float(x) for x in rows["openvino"][5].split(" / "))
+    assert score_diff < 1e-4 and map_diff < 1e-4  # FP32 export computes what torch computes
+
+
+@pytest.mark.slow
+def test_int8_accuracy_script_reports_auroc_change_and_rank_agreement(tmp_path: Path) -> None:
+    output = run_script("int8_accuracy.py", "--image-size", "64", "--epochs", "1", "--test-good", "3",
+                        "--test-defect", "3", "--train-categories", "brick", "--test-categories", "coffee",
+                        "--root", str(tmp_path / "demo"), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    rows = table_rows(output)
+    assert list(rows) == ["fp32", "int8_ptq"]
+    assert rows["fp32"][1] == "+0.00" and rows["fp32"][4] == "1.0000 / 1.0000"
+    for cells in rows.values():
+        assert 0 <= float(cells[0]) <= 100 and 0 <= float(cells[2]) <= 100
+        assert re.fullmatch(r"-?[01]\.\d{4} / -?[01]\.\d{4}", cells[4])
+    assert (tmp_path / "out" / "int8_accuracy.md").read_text().startswith("| export |")
