@@ -80,6 +80,28 @@ def assert_reloads_identically(model, checkpoint: Path, size: int = 64):  # noqa
     return reloaded
 
 
+def export_every_kind(model, root: Path, size: int = 64) -> dict:  # noqa: ANN001
+    """torch, OpenVINO and ONNX exports of ``model`` through ``Engine.export``, by export type."""
+    from anomalib.deploy import ExportType  # noqa: PLC0415
+    from anomalib.engine import Engine  # noqa: PLC0415
+
+    engine = Engine(accelerator="cpu", default_root_dir=root, logger=False)
+    return {kind: engine.export(model, export_type=kind, export_root=root / kind.value, input_size=(size, size))
+            for kind in (ExportType.TORCH, ExportType.OPENVINO, ExportType.ONNX)}
+
+
+def assert_torch_inferencer_matches(model, path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:  # noqa: ANN001
+    """anomalib's TorchInferencer runs the torch export and gives the model's score.
+    The caller sets ``TRUST_REMOTE_CODE=1`` (anomalib refuses pickled models otherwise)."""
+    from anomalib.deploy import TorchInferencer  # noqa: PLC0415
+
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+    result = TorchInferencer(path=path, device="cpu").predict(image)
+    with torch.no_grad():
+        expected = model(image[None])
+    torch.testing.assert_close(result.pred_score.reshape(1), expected.pred_score, atol=tolerance, rtol=0)
+
+
 def run_export(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scores and maps of an exported file on a batch in [0, 1]: an OpenVINO ``.xml`` through
     anomalib's ``OpenVINOInferencer``, an ``.onnx`` through onnxruntime (what ONNX users run)."""

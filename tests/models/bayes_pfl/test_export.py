@@ -10,10 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import assert_export_equals_torch
-from anomalib.deploy import ExportType, TorchInferencer
-from anomalib.engine import Engine
+from conftest import assert_export_equals_torch, assert_torch_inferencer_matches, export_every_kind
+from anomalib.deploy import ExportType
 
 from anomalib_zsad.models.bayes_pfl import BayesPFL
 
@@ -25,10 +23,7 @@ SMALL = {"num_samples": 2, "num_flows": 2, "prompt_num": 2, "topk": 20}
 def exported(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("export")
     model = BayesPFL(backbone="zsad-tiny", pretrained=None, image_size=64, class_name="bottle", **SMALL).eval()
-    engine = Engine(accelerator="cpu", default_root_dir=root, logger=False)
-    paths = {kind: engine.export(model, export_type=kind, export_root=root / kind.value, input_size=(64, 64))
-             for kind in (ExportType.TORCH, ExportType.OPENVINO, ExportType.ONNX)}
-    return model, paths
+    return model, export_every_kind(model, root)
 
 
 @pytest.mark.slow
@@ -49,9 +44,4 @@ def test_exported_graph_has_no_token_embedding_table(exported) -> None:
 def test_torch_inferencer_runs_the_exported_file(exported, monkeypatch: pytest.MonkeyPatch) -> None:
     model, paths = exported
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # anomalib refuses pickled models otherwise
-    inferencer = TorchInferencer(path=paths[ExportType.TORCH], device="cpu")
-    image = torch.rand(3, 64, 64)
-    result = inferencer.predict(image)
-    with torch.no_grad():
-        expected = model(image[None])
-    torch.testing.assert_close(result.pred_score.reshape(1), expected.pred_score, atol=TOLERANCE, rtol=0)
+    assert_torch_inferencer_matches(model, paths[ExportType.TORCH], tolerance=TOLERANCE)
