@@ -36,7 +36,8 @@ def embedding_comparisons(model: ov.Model) -> list[str]:
         for port in op.inputs():
             source = port.get_source_output().get_node()
             shape = port.get_partial_shape()
-            if source.get_type_name() in {"Constant", "Convert"} and shape.is_static and min(shape.to_shape()) < FEW_EMBEDDINGS:
+            constant = source.get_type_name() in {"Constant", "Convert"}
+            if constant and shape.is_static and min(shape.to_shape()) < FEW_EMBEDDINGS:
                 names.append(op.get_friendly_name())
                 break
     return names
