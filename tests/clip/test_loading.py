@@ -110,3 +110,32 @@ def test_random_weights_repeat_with_the_seed() -> None:
     a, b, c = load_clip("zsad-tiny", None, seed=1), load_clip("zsad-tiny", None, seed=1), load_clip("zsad-tiny", None)
     assert torch.equal(a.visual.proj, b.visual.proj)
     assert not torch.equal(a.visual.proj, c.visual.proj)
+
+
+def test_errors_list_only_names_this_layer_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SigLIP, ViTamin (timm towers), CLIPA and MetaCLIP-2 (other pooling, Hugging Face tokenizers) are
+    open_clip ViTs that this CLIP layer does not build: no error may offer them, and asking for one
+    stops before any download with the reason, not with a "supply this file" message."""
+    import open_clip  # noqa: PLC0415
+
+    from anomalib_zsad.clip.architecture import named_architecture  # noqa: PLC0415
+    from anomalib_zsad.clip.loading import loadable_architecture_names  # noqa: PLC0415
+
+    monkeypatch.setenv("ZSAD_OFFLINE", "1")
+    with pytest.raises(ValueError, match="unknown CLIP architecture") as unknown:
+        load_clip("ViT-Nonexistent", None)
+    listed = str(unknown.value).split("Known ViT names: ")[1].split(", ")
+    assert listed == loadable_architecture_names()
+    assert {"zsad-tiny", "ViT-B-16", "ViT-L-14-336"} <= set(listed)
+    assert not [n for n in listed if any(s in n for s in ("SigLIP", "ViTamin", "CLIPA", "worldwide"))]
+    assert {n for n in open_clip.list_models() if "SigLIP" in n}  # there were some to leave out
+    for name in listed:  # every offered name builds an architecture (configs only: no weights)
+        assert named_architecture(name).vision_layers > 0
+
+    for name, tag in [("ViT-B-16-SigLIP", "webli"), ("ViT-L-14-CLIPA", "datacomp1b"), ("ViT-SO400M-14-SigLIP", None)]:
+        with pytest.raises(ValueError, match="not one this CLIP layer loads") as refused:
+            load_clip(name, tag, cache_dir=tmp_path)
+        assert "ViT-L-14-336" in str(refused.value) and "SigLIP, " not in str(refused.value).split("names: ")[1]
+    assert list(tmp_path.iterdir()) == []
+    tiny = load_clip("ViT-S-32", None)  # a listed open_clip name really loads
+    assert tiny.arch.vision_width == 384

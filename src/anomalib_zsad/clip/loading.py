@@ -101,6 +101,61 @@ def _offline_message(model_name: str, tag: str, cfg: Mapping, cache_dir: Path, r
     return "\n".join(lines)
 
 
+# open_clip config options that change the network beyond what :class:`ClipArchitecture` holds
+# (CLIPA's pooling and missing ln_pre, MetaCLIP-2's Hugging Face tokenizers, layer scale, timm or
+# Hugging Face towers): this CLIP layer does not implement them, so such names are refused up front
+# rather than built wrong or downloaded for nothing.
+_UNSUPPORTED_OPTIONS = {
+    "vision_cfg": ("timm_model_name", "no_ln_pre", "final_ln_after_pool", "ls_init_value", "attentional_pool",
+                   "attn_pooler_queries", "output_tokens", "act_kwargs", "norm_kwargs"),
+    "text_cfg": ("hf_model_name", "hf_tokenizer_name", "tokenizer_kwargs", "no_causal_mask", "eos_id",
+                 "ls_init_value", "embed_cls", "pad_id", "output_tokens", "act_kwargs", "norm_kwargs"),
+}
+_SUPPORTED_POOLING = {"vision_cfg": {"tok"}, "text_cfg": {"argmax"}}
+
+
+def unsupported_options(config: Mapping) -> list[str]:
+    """The options of an open_clip model config that this CLIP layer does not implement (empty: it loads)."""
+    found = []
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = config.get(tower, {})
+        if isinstance(cfg.get("layers"), (list, tuple)):
+            found.append(f"{tower}.layers (ResNet tower)")
+        found += [f"{tower}.{key}" for key in _UNSUPPORTED_OPTIONS[tower] if cfg.get(key) not in (None, False)]
+        if cfg.get("pool_type", next(iter(_SUPPORTED_POOLING[tower]))) not in _SUPPORTED_POOLING[tower]:
+            found.append(f"{tower}.pool_type={cfg['pool_type']!r}")
+    found += [key for key in ("custom_text", "multimodal_cfg") if config.get(key)]
+    return found
+
+
+def loadable_architecture_names() -> list[str]:
+    """Every architecture name :func:`load_clip` builds: this package's small ones, then open_clip's
+    CLIP ViTs (SigLIP, ViTamin, CLIPA, MetaCLIP-2 and other non-CLIP towers left out)."""
+    import open_clip  # noqa: PLC0415
+
+    names = [name for name in open_clip.list_models()
+             if name.startswith("ViT") and not unsupported_options(open_clip.get_model_config(name) or {})]
+    return sorted(EXTRA_ARCHITECTURES) + names
+
+
+def _check_architecture_name(model_name: str) -> None:
+    """Refuse, before any download, a name that this CLIP layer cannot build, listing those it can."""
+    if model_name in EXTRA_ARCHITECTURES:
+        return
+    import open_clip  # noqa: PLC0415
+
+    config = open_clip.get_model_config(model_name)
+    known = f"Known ViT names: {', '.join(loadable_architecture_names())}"
+    if config is None:
+        msg = f"unknown CLIP architecture {model_name!r}. {known}"
+        raise ValueError(msg)
+    if unsupported := unsupported_options(config):
+        msg = (f"CLIP architecture {model_name!r} is not one this CLIP layer loads (open_clip config options "
+               f"{', '.join(unsupported)} are not implemented: SigLIP/timm towers, CLIPA, MetaCLIP-2 "
+               f"tokenizers and the like are not CLIP ViTs here). {known}")
+        raise ValueError(msg)
+
+
 def _cached_hub_file(repo: str) -> Path | None:
     """An open_clip hub checkpoint already in the Hugging Face cache, without any network call."""
     try:
@@ -186,6 +241,7 @@ def load_clip(
         seed: the seed of random weights.
     """
     if pretrained in RANDOM_TAGS or str(pretrained).lower() in {"random", "none"}:
+        _check_architecture_name(model_name)
         arch = named_architecture(model_name, head_width)
         if activation != "auto":
             arch = arch.with_activation(activation)
@@ -204,6 +260,7 @@ def load_clip(
         msg = f"{model_name!r} has no released weights: use pretrained=None (random) or a file path"
         raise ValueError(msg)
     else:
+        _check_architecture_name(model_name)  # before any download or "supply this file" message
         path, quick_gelu = resolve_pretrained(model_name, str(pretrained), cache_dir)
     state_dict, openai_format = read_clip_state_dict(path)
     if activation == "auto":
