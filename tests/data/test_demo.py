@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +171,122 @@ def test_anomalib_folder_reads_it_unchanged(demo_root: Path) -> None:
     abnormal = samples[samples.label_index == 1]
     assert all(Path(m).stem == f"{Path(i).stem}_mask" and Path(m).parent.name == Path(i).parent.name
                for i, m in zip(abnormal.image_path, abnormal.mask_path, strict=True))
+
+
+# ------------------------------------------------------------------ kill -9, concurrent runs, read-only targets
+_CHILD = """
+import sys
+from anomalib_zsad.data.demo import make_demo_dataset
+make_demo_dataset(sys.argv[1], categories=("brick",), image_size=32, n_train=100000, n_test_good=1, n_test_defect=1)
+"""
+
+
+def _temporaries(parent: Path, name: str) -> list[Path]:
+    return sorted(p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-"))
+
+
+def _start_writer(root: Path) -> tuple[subprocess.Popen, Path]:
+    """A real generator process, caught while it writes (a huge set: it is still busy when we look)."""
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(root)])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        temporaries = _temporaries(root.parent, root.name)
+        if temporaries and any(temporaries[0].rglob("*.png")):
+            return child, temporaries[0]
+        assert child.poll() is None, "the writer exited early"
+        time.sleep(0.05)
+    child.kill()
+    pytest.fail("the writer never started writing")
+
+
+def test_kill_9_leftovers_are_removed_but_a_live_run_is_not(tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    child, theirs = _start_writer(root)
+    try:
+        assert theirs.name.startswith(f".demo.tmp-{child.pid}-")
+        # a concurrent run on the same root finishes first; the live writer's folder is not touched
+        make_demo_dataset(root, categories=("brick",), **TINY)
+        assert theirs.is_dir() and child.poll() is None
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()  # reaped: the pid is gone, as after `kill -9` in a shell
+        assert theirs.is_dir()  # kill -9 skipped the clean-up
+        again = make_demo_dataset(root, categories=("brick",), **TINY)  # the next run cleans it
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert again == root and not _temporaries(tmp_path, "demo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_a_locked_temporary_is_kept_even_if_its_pid_looks_dead(tmp_path: Path) -> None:
+    """Another pid namespace (container) sharing the folder: its lock, not its pid, tells it is alive."""
+    import fcntl
+
+    ours = tmp_path / ".demo.tmp-999999999-abcd1234"  # a pid that does not exist here
+    ours.mkdir()
+    fd = os.open(ours, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        make_demo_dataset(tmp_path / "demo", categories=("brick",), **TINY)
+        assert ours.is_dir()
+    finally:
+        os.close(fd)
+    make_demo_dataset(tmp_path / "demo", categories=("brick",), **TINY)
+    assert not ours.exists()
+
+
+def _unprivileged(function: Callable[[], str]) -> str:
+    """``function()`` in a forked child that has dropped root (root ignores file permissions)."""
+    if os.geteuid() != 0:
+        return function()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            text = function()
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            text = f"UNEXPECTED {type(error).__name__}: {error}"
+        os.write(write_end, text.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_read_only_target_is_one_line_error() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="zsad-readonly-"))  # under /tmp: reachable after dropping root
+    try:
+        parent.chmod(0o555)
+
+        def api() -> str:
+            try:
+                make_demo_dataset(parent / "demo", categories=("brick",), **TINY)
+            except DatasetError as error:
+                return f"DatasetError: {error}"
+            return "no error"
+
+        def cli() -> str:
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                try:
+                    main(["--root", str(parent / "demo"), "--categories", "brick"])
+                except SystemExit as exit_:
+                    return f"exit {exit_.code}: {stderr.getvalue()}"
+            return "no exit"
+
+        message = _unprivileged(api)
+        assert message.startswith(f"DatasetError: Cannot write the demo set to '{parent / 'demo'}': Permission denied")
+        assert "\n" not in message and "writable" in message
+        printed = _unprivileged(cli)
+        assert printed.startswith("exit 2: error: Cannot write the demo set") and printed.count("\n") == 1
+        assert "Traceback" not in printed
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+        shutil.rmtree(parent)

@@ -12,7 +12,10 @@ defects and exact masks that anomalib's ``MVTecAD`` and ``Folder`` datamodules r
 
 Generation is seeded per (seed, category), takes well under a second per category at the default
 size, and is atomic: everything is written into a temporary sibling folder that is renamed to
-``root`` only when complete, so a failure never leaves a half-written set behind.
+``root`` only when complete, so a failure never leaves a half-written set behind. A process killed
+outright (``kill -9``) cannot clean up; its temporary folder (``.<name>.tmp-<pid>-*``) is removed by
+the next run once it is sure the folder is stale (see :func:`_remove_stale_temporaries`). A target
+that cannot be written raises :class:`DatasetError` with a one-line reason.
 
 Command line: ``python -m anomalib_zsad.data.demo --root datasets/zsad_demo --seed 0``.
 """
@@ -24,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +37,11 @@ from PIL import Image
 
 from anomalib_zsad.data._defects import PAINTERS
 from anomalib_zsad.data.errors import DatasetError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; stale temporaries are then left alone
+    fcntl = None
 
 MANIFEST = ".zsad_demo.json"
 FORMAT_VERSION = 1
@@ -178,25 +187,136 @@ def make_demo_dataset(
         "n_test_defect": int(n_test_defect),
         "defect_types": list(defect_types),
     }
-    if _is_complete(root, params):
-        return root
-    is_demo = _read_manifest(root) is not None
-    if root.exists() and any(root.iterdir()) and not (overwrite and is_demo):
-        what = "a demo set made with other parameters" if is_demo else "files that are not a demo set"
-        hint = "pass overwrite=True (--overwrite) or" if is_demo else "use"
-        msg = f"'{root}' already contains {what}; {hint} another root."
-        raise DatasetError(msg)
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        textures = {c: _load_texture(c) for c in categories}
-        num_files = sum(_write_category(tmp, c, params, textures) for c in categories)
-        (tmp / MANIFEST).write_text(json.dumps({"params": params, "num_files": num_files}, indent=2))
-        _swap_into_place(tmp, root, params)
+        _remove_stale_temporaries(root)
+        if _is_complete(root, params):
+            return root
+        is_demo = _read_manifest(root) is not None
+        if root.exists() and any(root.iterdir()) and not (overwrite and is_demo):
+            what = "a demo set made with other parameters" if is_demo else "files that are not a demo set"
+            hint = "pass overwrite=True (--overwrite) or" if is_demo else "use"
+            msg = f"'{root}' already contains {what}; {hint} another root."
+            raise DatasetError(msg)
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatasetError(_cannot_write(root, error)) from error
+
+    try:
+        tmp, lock = _make_temporary(root)
+    except OSError as error:
+        raise DatasetError(_cannot_write(root, error)) from error
+    try:
+        textures = {c: _load_texture(c) for c in categories}  # reading: its errors are not ours to reword
+        try:
+            num_files = sum(_write_category(tmp, c, params, textures) for c in categories)
+            (tmp / MANIFEST).write_text(json.dumps({"params": params, "num_files": num_files}, indent=2))
+            _swap_into_place(tmp, root, params)
+        except OSError as error:
+            raise DatasetError(_cannot_write(root, error)) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(lock)
     return root
+
+
+def _cannot_write(root: Path, error: OSError) -> str:
+    """One line naming the target and the operating system's reason (read-only, disk full, ...)."""
+    reason = error.strerror or str(error)
+    where = f" ('{error.filename}')" if error.filename and str(error.filename) != str(root) else ""
+    return f"Cannot write the demo set to '{root}': {reason}{where}. Choose a writable folder with --root / root=."
+
+
+# ---------------------------------------------------------------- temporary folders and their clean-up
+# A run writes into ``.<name>.tmp-<pid>-<random>`` beside the target and holds an exclusive flock on
+# that folder until it is renamed into place or removed. ``kill -9`` skips the ``finally`` that
+# removes it; the next run removes such a folder only when BOTH its writer's pid is gone AND nobody
+# holds its lock, so a concurrent run (alive: pid and lock) is never touched; a pid reused by an
+# unrelated process only delays the clean-up. ``.<name>.old-<pid>`` (a set being replaced by
+# ``overwrite=True``) is restored if the target is missing, else removed, once its pid is gone.
+# Folders in the pre-pid format (``.<name>.tmp-<random>``) are removed when unlocked and a day old.
+_LEGACY_STALE_SECONDS = 24 * 3600
+
+
+def _make_temporary(root: Path) -> tuple[Path, int | None]:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+    return tmp, _try_lock(tmp)
+
+
+def _try_lock(folder: Path) -> int | None:
+    """Exclusive non-blocking flock on ``folder``: the open fd, or None if held elsewhere/unsupported."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a real pid: do not treat as dead
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, belongs to another user
+    return True
+
+
+def _remove_stale_temporaries(root: Path) -> list[Path]:
+    """Remove temporaries of *dead* earlier runs for ``root``; return what was removed (or restored).
+
+    POSIX only (elsewhere nothing is removed: there is no safe liveness check).
+    """
+    if os.name != "posix" or fcntl is None or not root.parent.is_dir():
+        return []
+    tmp_prefix, old_prefix = f".{root.name}.tmp-", f".{root.name}.old-"
+    removed = []
+    for entry in sorted(root.parent.iterdir()):
+        name = entry.name
+        if not entry.is_dir() or entry.is_symlink() or not name.startswith((tmp_prefix, old_prefix)):
+            continue
+        if name.startswith(old_prefix):
+            pid = name[len(old_prefix):]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                if not root.exists() and _is_complete(entry):
+                    entry.rename(root)  # killed mid-swap: put the previous set back
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+            continue
+        pid, _, rest = name[len(tmp_prefix):].partition("-")
+        if pid.isdigit() and rest:
+            if _pid_alive(int(pid)):
+                continue
+        else:  # pre-pid format: no owner known, go by age
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except OSError:
+                continue
+            if age < _LEGACY_STALE_SECONDS:
+                continue
+        lock = _try_lock(entry)
+        if lock is None:  # a live writer holds it (e.g. another pid namespace)
+            continue
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            _unlock(lock)
+        removed.append(entry)
+    return removed
 
 
 def _swap_into_place(tmp: Path, root: Path, params: dict) -> None:
