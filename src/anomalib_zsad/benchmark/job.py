@@ -256,7 +256,7 @@ class ZSADBenchmarkJob(Job):
             # anomalib_zsad's CLIP methods report ONE_CLASS until trained; fitting them on the
             # target's normal images would be neither their protocol nor zero-shot.
             msg = (f"{self.model_entry['name']} learns on auxiliary data: give it 'train_data' (e.g. "
-                   "anomalib_zsad.data.CrossDataset) or trained weights (e.g. prompt_checkpoint)")
+                   "anomalib_zsad.data.CrossDataset) or trained weights (e.g. official_checkpoint)")
             raise ValueError(msg)
         fit_seconds, shared = 0.0, False
         with TemporaryDirectory() as root:

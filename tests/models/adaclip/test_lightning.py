@@ -91,7 +91,7 @@ def test_optimizer_is_the_official_adamw() -> None:
 
 def test_official_weights_make_it_zero_shot(tmp_path: Path) -> None:
     torch.save(official_state_dict(tiny_model(seed=3).model), tmp_path / "pretrained_all.pth")
-    model = tiny_model(weights=tmp_path / "pretrained_all.pth")
+    model = tiny_model(official_checkpoint=tmp_path / "pretrained_all.pth")
     assert model.learning_type == LearningType.ZERO_SHOT  # Engine validates it for thresholds, never trains it
 
 

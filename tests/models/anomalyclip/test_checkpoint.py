@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from anomalib_zsad.models.anomalyclip import AnomalyCLIPModel
-from anomalib_zsad.models.anomalyclip.checkpoint import load_official_prompt_learner
+from anomalib_zsad.models.anomalyclip.checkpoint import load_official_checkpoint
 
 
 def official_file(model: AnomalyCLIPModel, path: Path) -> Path:
@@ -25,7 +25,7 @@ def test_official_prompts_load_and_change_outputs(tiny_clip, tmp_path: Path) -> 
     target = AnomalyCLIPModel(tiny_clip, seed=2).eval()
     images = torch.randn(1, 3, 64, 64)
     assert not torch.allclose(source(images).pred_score, target(images).pred_score)
-    load_official_prompt_learner(target.prompt_learner, official_file(source, tmp_path / "epoch_15.pth"))
+    load_official_checkpoint(target, official_file(source, tmp_path / "epoch_15.pth"))
     torch.testing.assert_close(target(images).pred_score, source(images).pred_score)
     torch.testing.assert_close(target(images).anomaly_map, source(images).anomaly_map)
 
@@ -35,7 +35,7 @@ def test_wrong_format_is_named(tiny_clip, tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save({"state_dict": {"a": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match="expected a dict with key 'prompt_learner'"):
-        load_official_prompt_learner(model.prompt_learner, path)
+        load_official_checkpoint(model, path)
 
 
 def test_truncated_file_is_named(tiny_clip, tmp_path: Path) -> None:
@@ -44,13 +44,13 @@ def test_truncated_file_is_named(tiny_clip, tmp_path: Path) -> None:
     broken = tmp_path / "broken.pth"
     broken.write_bytes(good.read_bytes()[:200])
     with pytest.raises(ValueError, match="could not read AnomalyCLIP checkpoint .*broken.pth"):
-        load_official_prompt_learner(model.prompt_learner, broken)
+        load_official_checkpoint(model, broken)
 
 
 def test_shape_mismatch_lists_the_tensors(tiny_clip, tmp_path: Path) -> None:
     path = official_file(AnomalyCLIPModel(tiny_clip, n_ctx=8), tmp_path / "n_ctx8.pth")
     with pytest.raises(ValueError, match=r"ctx_pos: file \(1, 1, 8, 64\) vs model \(1, 1, 12, 64\)"):
-        load_official_prompt_learner(AnomalyCLIPModel(tiny_clip).prompt_learner, path)
+        load_official_checkpoint(AnomalyCLIPModel(tiny_clip), path)
 
 
 def test_untrusted_code_is_not_run(tiny_clip, tmp_path: Path) -> None:
@@ -58,4 +58,4 @@ def test_untrusted_code_is_not_run(tiny_clip, tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"prompt_learner": {"ctx_pos": Path("x")}}, path)
     with pytest.raises(ValueError, match="could not read"):
-        load_official_prompt_learner(AnomalyCLIPModel(tiny_clip).prompt_learner, path)
+        load_official_checkpoint(AnomalyCLIPModel(tiny_clip), path)

@@ -75,5 +75,5 @@ def test_labels_only_training_warns_and_trains_image_loss(caplog: pytest.LogCapt
 def test_official_prompts_make_it_zero_shot(tmp_path: Path) -> None:
     source = tiny_model()
     torch.save({"prompt_learner": source.model.prompt_learner.state_dict()}, tmp_path / "epoch_15.pth")
-    model = tiny_model(prompt_checkpoint=tmp_path / "epoch_15.pth")
+    model = tiny_model(official_checkpoint=tmp_path / "epoch_15.pth")
     assert model.learning_type == LearningType.ZERO_SHOT  # Engine validates it for thresholds, never trains it

@@ -11,7 +11,7 @@ import torch
 from conftest import load_parity_tensors, require_parity_set
 
 from anomalib_zsad.clip import load_clip
-from anomalib_zsad.models.anomalyclip.checkpoint import load_official_prompt_learner
+from anomalib_zsad.models.anomalyclip.checkpoint import load_official_checkpoint
 from anomalib_zsad.models.anomalyclip.loss import AnomalyCLIPLoss
 from anomalib_zsad.models.anomalyclip.torch_model import AnomalyCLIPModel
 
@@ -28,7 +28,7 @@ def parity():
 def build(folder, feature_layers) -> AnomalyCLIPModel:
     clip = load_clip("ViT-L-14-336", folder / "clip_state_dict.pt", pos_embed_mode="bilinear")
     model = AnomalyCLIPModel(clip, feature_layers=feature_layers)
-    load_official_prompt_learner(model.prompt_learner, folder / "prompt_learner.pt")
+    load_official_checkpoint(model, folder / "prompt_learner.pt")
     return model.eval()
 
 

@@ -72,7 +72,7 @@ def test_stage1_only_training_falls_back_to_the_stage1_classifier(caplog: pytest
 def test_official_checkpoint_makes_it_zero_shot(tmp_path: Path) -> None:
     source = tiny_model(seed=3)
     save_official_checkpoint(source.model, tmp_path / "bayes_pfl.pth")
-    model = tiny_model(checkpoint=tmp_path / "bayes_pfl.pth")
+    model = tiny_model(official_checkpoint=tmp_path / "bayes_pfl.pth")
     assert model.learning_type == LearningType.ZERO_SHOT
     assert torch.equal(model.model.prompt_context, source.model.prompt_context)
     assert int(model.model.inference_stage) == 2

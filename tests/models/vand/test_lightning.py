@@ -78,7 +78,7 @@ def test_fit_test_predict_zero_and_few_shot(demo_root: Path, tmp_path: Path) -> 
     # Few-shot from the trained linear layers in the official format: memory from grass' train split.
     official = tmp_path / "vand_official.pth"
     save_official_checkpoint(model.model, official)
-    few = Vand(**TINY_MODEL, checkpoint=official, k_shot=2)
+    few = Vand(**TINY_MODEL, official_checkpoint=official, k_shot=2)
     assert few.learning_type == LearningType.FEW_SHOT
     few_engine = _engine(tmp_path / "few")
     target = MVTecAD(root=demo_root, category="grass", train_batch_size=2, eval_batch_size=2, num_workers=0)

@@ -11,6 +11,7 @@ checkpoint cannot run code.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 import re
 from pathlib import Path
 
@@ -67,6 +68,16 @@ def _check(path: Path, part: str, state: object, module: torch.nn.Module) -> dic
     return {k: v.to(expected[k].dtype) for k, v in state.items()}
 
 
+def read_official_checkpoint(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[Path, dict]:
+    """The content of each official file (a folder stands for its files), format checked."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    files = [f for p in paths for f in _expand(Path(p).expanduser())]
+    if not files:
+        msg = "an AA-CLIP official checkpoint needs at least one file or folder"
+        raise ValueError(msg)
+    return {path: _read(path) for path in files}
+
+
 def load_official_checkpoint(model: AACLIPModel, *paths: str | os.PathLike) -> dict[str, int | None]:
     """Load official ``text_adapter.pth`` / ``image_adapter_<epoch>.pth`` files (or a folder
     holding them) into ``model``. Every file is checked before anything is copied.
@@ -74,13 +85,9 @@ def load_official_checkpoint(model: AACLIPModel, *paths: str | os.PathLike) -> d
     Returns the epoch each part was saved at, e.g. ``{"text_adapter": 5, "image_adapter": 20}``.
     Raises ``ValueError`` naming the file on a wrong, corrupt or mismatched checkpoint.
     """
-    files = [f for p in paths for f in _expand(Path(p).expanduser())]
-    if not files:
-        msg = "load_official_checkpoint needs at least one file or folder"
-        raise ValueError(msg)
+    flat = [q for p in paths for q in ([p] if isinstance(p, (str, os.PathLike)) else p)]
     loaded: dict[str, tuple[dict, int | None]] = {}
-    for path in files:
-        content = _read(path)
+    for path, content in read_official_checkpoint(flat).items():
         for part in _PARTS:
             if part in content:
                 state = _check(path, part, content[part], getattr(model, part))

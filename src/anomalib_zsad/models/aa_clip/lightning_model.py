@@ -19,14 +19,15 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_zsad.clip import load_clip
-from anomalib_zsad.models.components import ZeroShotModuleMixin, clip_pre_processor
-
-from .checkpoint import load_official_checkpoint
+from anomalib_zsad.clip import ClipModel
+from anomalib_zsad.models.components import ZeroShotModuleMixin
 from anomalib_zsad.models.components.class_names import class_names_for
+from anomalib_zsad.models.components.contract import ArgumentCheck
+
+from .checkpoint import load_official_checkpoint, read_official_checkpoint
 from .loss import AACLIPLoss
 from .prompts import OFFICIAL_REAL_NAMES
-from .torch_model import AACLIPModel
+from .torch_model import IMAGE_SCORES, AACLIPModel
 
 logger = logging.getLogger(__name__)
 
@@ -35,26 +36,51 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
     """AA-CLIP: anomaly-aware CLIP with two-stage residual adapters (CVPR 2025).
 
     Args:
-        backbone: open_clip architecture (paper: ``ViT-L-14-336``; ``zsad-tiny`` for tests).
-        pretrained: open_clip tag (``openai``), a CLIP checkpoint path, or None for random weights.
-        activation: MLP activation; the official code runs OpenAI's weights with exact ``gelu``.
-        image_size: input size of the default pre-processor (paper 518).
-        official_checkpoint: official ``text_adapter.pth`` / ``image_adapter_<epoch>.pth`` files,
-            or their folder, to start from (then zero-shot at once).
-        class_name: object name in the prompts: ``"auto"`` reads each image's category from its
+        backbone: open_clip architecture of the frozen CLIP (paper: ``ViT-L-14-336``; ``zsad-tiny``
+            is a small random one for tests).
+        pretrained: CLIP weights: an open_clip tag (``openai``), a local checkpoint file, or None
+            for random weights (tests only).
+        activation: MLP activation of the CLIP: the official code runs OpenAI's weights with exact
+            ``gelu``; ``auto`` follows the weights.
+        image_size: input side (or [height, width]) of the default pre-processor (paper 518); a
+            multiple of the patch size.
+        official_checkpoint: official ``text_adapter.pth`` / ``image_adapter_<epoch>.pth`` files, or
+            their folder, to start from; the model is then ready zero-shot without training.
+        class_name: the object word of the prompts: ``"auto"`` reads each image's category from its
             path (``"object"`` when none is found), any other string is used for every image.
-        real_names: descriptions to put in the prompts instead of the names: a mapping, a data
-            set name of the official ``REAL_NAMES`` we ship (``"VisA"``, ``"BTAD"``, ``"Brain"``),
-            or None (the names; paper protocol).
-        text_epochs, image_epochs: length of the two stages (official 5, 20).
-        text_lr, image_lr, betas: the two Adams (official 1e-5, 5e-4, (0.5, 0.999)).
-        lr_milestones, lr_gamma: MultiStepLR of the image stage, in steps (official [16000, 32000], 0.5).
-        orthogonal_weight: stage-1 anchor orthogonality weight (official ``text_norm_weight`` 0.1).
+        real_names: descriptions to put in the prompts instead of the names: a mapping, a data set
+            name of the official ``REAL_NAMES`` we ship (``"VisA"``, ``"BTAD"``, ``"Brain"``), or
+            None (the names; paper protocol).
+        text_epochs: epochs of stage 1, the text adapter (official 5).
+        image_epochs: epochs of stage 2, the image adapter (official 20).
+        text_lr: Adam learning rate of stage 1 (official 1e-5).
+        image_lr: Adam learning rate of stage 2 (official 5e-4).
+        betas: Adam betas of both stages (official (0.5, 0.999)).
+        lr_milestones: MultiStepLR milestones of stage 2, in steps (official [16000, 32000]).
+        lr_gamma: MultiStepLR factor (official 0.5).
+        orthogonal_weight: weight of the stage-1 anchor orthogonality loss (official 0.1).
         stage1_levels: ``"all"`` (paper) or ``"last"`` (official code: only the last level learns).
         surgery_vv_across_batch: the official batch-axis V-V of stage 1 (see README).
-        text_adapt_weight, image_adapt_weight, text_adapt_until, image_adapt_until, levels,
-        relu, surgery_from, blur_kernel_size, blur_sigma, image_score: see :class:`AACLIPModel`.
+        text_adapt_weight: residual weight of the text adapters (0.1).
+        image_adapt_weight: residual weight of the image adapters (0.1).
+        text_adapt_until: text blocks followed by an adapter; None = 3 of 12, scaled to depth.
+        image_adapt_until: vision blocks followed by an adapter; None = 6 of 24, scaled to depth.
+        levels: 1-based vision blocks whose patch tokens make maps; None = the four quarters.
+        relu: a LeakyReLU after the image projections (official ``--relu``, off).
+        surgery_from: first vision block with V-V attention in stage 1; None = depth // 4.
+        blur_kernel_size: patch-grid smoothing kernel (official industrial 7, medical 9; 1 = off).
+        blur_sigma: patch-grid smoothing sigma (official industrial 1, medical 1.5).
+        image_score: ``"text"`` (against the anchors, default) or ``"map_max"`` (official medical).
+        seed: initialisation of the adapters (and of a random CLIP).
+        allow_clip_mismatch: run a checkpoint on another CLIP or image size than it was trained
+            with (refused otherwise).
+        pre_processor: anomalib pre-processor; True = CLIP's resize and normalisation at ``image_size``.
+        post_processor: anomalib post-processor; True = thresholds from validation, maps unnormalised.
+        evaluator: anomalib evaluator; True = the papers' six metrics.
+        visualizer: anomalib visualizer; True = the default one.
     """
+
+    pos_embed_mode = "bicubic_antialias"
 
     def __init__(
         self,
@@ -86,33 +112,70 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
         blur_sigma: float = 1.0,
         image_score: str = "text",
         seed: int = 0,
+        allow_clip_mismatch: bool = False,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        pre_processor = clip_pre_processor(image_size) if pre_processor is True else pre_processor
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
-        if isinstance(real_names, str):
-            real_names = OFFICIAL_REAL_NAMES[real_names]
-        clip = load_clip(backbone, pretrained, activation=activation, pos_embed_mode="bicubic_antialias", seed=seed)
-        self.class_name = class_name
-        self.model = AACLIPModel(
-            clip, text_adapt_weight=text_adapt_weight, image_adapt_weight=image_adapt_weight,
-            text_adapt_until=text_adapt_until, image_adapt_until=image_adapt_until, levels=levels, relu=relu,
-            surgery_from=surgery_from, surgery_vv_across_batch=surgery_vv_across_batch,
-            blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma, image_score=image_score,
-            class_name="object" if class_name == "auto" else class_name, real_names=real_names, seed=seed)
-        self.loss = AACLIPLoss(orthogonal_weight, stage1_levels)
-        self.text_epochs, self.image_epochs = text_epochs, image_epochs
-        self.text_lr, self.image_lr, self.betas = text_lr, image_lr, tuple(betas)
-        self.lr_milestones, self.lr_gamma = list(lr_milestones), lr_gamma
         self.automatic_optimization = False  # two optimisers, one per stage
-        self._init_zero_shot_state(trained=False)
-        if official_checkpoint is not None:
-            paths = [official_checkpoint] if isinstance(official_checkpoint, (str, os.PathLike)) else official_checkpoint
-            self.load_official_checkpoint(*paths)
+        self.init_contract(pre_processor, official_checkpoint)
+        self.loss = AACLIPLoss(orthogonal_weight, stage1_levels)
+
+    @property
+    def class_name(self) -> str:
+        return self.settings["class_name"]
+
+    @property
+    def text_epochs(self) -> int:
+        return self.settings["text_epochs"]
+
+    @property
+    def image_epochs(self) -> int:
+        return self.settings["image_epochs"]
+
+    def default_max_epochs(self) -> int:
+        return self.text_epochs + self.image_epochs
+
+    def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
+        depth = arch.vision_layers if arch is not None else None
+        check.positive("text_epochs", settings["text_epochs"], zero=True)
+        check.positive("image_epochs", settings["image_epochs"], zero=True)
+        check.positive("text_lr", settings["text_lr"])
+        check.positive("image_lr", settings["image_lr"])
+        check.positive("lr_gamma", settings["lr_gamma"])
+        check.positive("orthogonal_weight", settings["orthogonal_weight"], zero=True)
+        check.choice("stage1_levels", settings["stage1_levels"], ("all", "last"))
+        check.layers("levels", settings["levels"], depth)
+        check.positive("text_adapt_until", settings["text_adapt_until"], optional=True)
+        check.positive("image_adapt_until", settings["image_adapt_until"], optional=True)
+        if settings["surgery_from"] is not None:
+            check.layers("surgery_from", [settings["surgery_from"]], depth)
+        check.positive("blur_kernel_size", settings["blur_kernel_size"])
+        check.positive("blur_sigma", settings["blur_sigma"])
+        check.choice("image_score", settings["image_score"], IMAGE_SCORES)
+        names = settings["real_names"]
+        check.require(not isinstance(names, str) or names in OFFICIAL_REAL_NAMES,
+                      f"real_names must be a mapping or one of {sorted(OFFICIAL_REAL_NAMES)}, got {names!r}")
+
+    def build_model(self, clip: ClipModel) -> AACLIPModel:
+        s = self.settings
+        real_names = OFFICIAL_REAL_NAMES[s["real_names"]] if isinstance(s["real_names"], str) else s["real_names"]
+        return AACLIPModel(
+            clip, text_adapt_weight=s["text_adapt_weight"], image_adapt_weight=s["image_adapt_weight"],
+            text_adapt_until=s["text_adapt_until"], image_adapt_until=s["image_adapt_until"], levels=s["levels"],
+            relu=s["relu"], surgery_from=s["surgery_from"], surgery_vv_across_batch=s["surgery_vv_across_batch"],
+            blur_kernel_size=s["blur_kernel_size"], blur_sigma=s["blur_sigma"], image_score=s["image_score"],
+            class_name="object" if s["class_name"] == "auto" else s["class_name"], real_names=real_names,
+            seed=s["seed"])
+
+    read_official_weights = staticmethod(read_official_checkpoint)
+
+    @staticmethod
+    def load_official_weights(model: AACLIPModel, paths: Any) -> None:  # noqa: ANN401
+        load_official_checkpoint(model, *([paths] if isinstance(paths, (str, os.PathLike)) else paths))
 
     def load_official_checkpoint(self, *paths: str | os.PathLike) -> None:
         """Load official adapter files (or their folder); the model is then ready zero-shot."""
@@ -120,9 +183,10 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
         self.learnt_parts_trained.fill_(True)
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict]]:
-        text = torch.optim.Adam(self.model.text_adapter.parameters(), lr=self.text_lr, betas=self.betas)
-        image = torch.optim.Adam(self.model.image_adapter.parameters(), lr=self.image_lr, betas=self.betas)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(image, self.lr_milestones, self.lr_gamma)
+        s = self.settings
+        text = torch.optim.Adam(self.model.text_adapter.parameters(), lr=s["text_lr"], betas=tuple(s["betas"]))
+        image = torch.optim.Adam(self.model.image_adapter.parameters(), lr=s["image_lr"], betas=tuple(s["betas"]))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(image, list(s["lr_milestones"]), s["lr_gamma"])
         return [text, image], [{"scheduler": scheduler, "interval": "step"}]
 
     @property
@@ -157,18 +221,6 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
 
     def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
         return class_names_for(getattr(batch, "image_path", None), self.class_name, self.model.class_name)
-
-    def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401
-        """Export with the anchors of ``model.class_name`` stored as a constant (no text tower,
-        no tokenizer in the graph). Set the class first, e.g. ``model.model.set_class_name("pcb1")``;
-        ``to_openvino`` goes through here."""
-        self.model.freeze_text_features()
-        return super().to_onnx(*args, **kwargs)
-
-    def to_torch(self, *args, **kwargs) -> Any:  # noqa: ANN401
-        """As :meth:`to_onnx`: the saved model carries its anchors."""
-        self.model.freeze_text_features()
-        return super().to_torch(*args, **kwargs)
 
     def on_train_epoch_end(self) -> None:
         """Stop after the two stages (the trainer's ``max_epochs`` can only make it shorter)."""

@@ -15,12 +15,12 @@ import torch
 
 from anomalib_zsad.models.components.checkpoints import load_official_file
 
-from .prompt_learner import AnomalyCLIPPromptLearner
+from .torch_model import AnomalyCLIPModel
 
 _LEARNT_PREFIXES = ("ctx_pos", "ctx_neg", "compound_prompts_text.")
 
 
-def read_official_prompt_learner(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The learnt tensors of an official checkpoint; a clear error for anything else."""
     path = Path(path).expanduser()
     content = load_official_file(path, "AnomalyCLIP", "the official epoch_15.pth, a torch file holding {'prompt_learner': state_dict}")
@@ -32,9 +32,10 @@ def read_official_prompt_learner(path: str | os.PathLike) -> dict[str, torch.Ten
     return {k: v for k, v in content["prompt_learner"].items() if k.startswith(_LEARNT_PREFIXES)}
 
 
-def load_official_prompt_learner(learner: AnomalyCLIPPromptLearner, path: str | os.PathLike) -> None:
-    """Copy an official checkpoint's learnt prompts into ``learner``, checking every shape."""
-    tensors = read_official_prompt_learner(path)
+def load_official_checkpoint(model: AnomalyCLIPModel, path: str | os.PathLike) -> None:
+    """Copy an official checkpoint's learnt prompts into ``model``, checking every shape."""
+    learner = model.prompt_learner
+    tensors = read_official_checkpoint(path)
     own = learner.state_dict()
     expected = {k for k in own if k.startswith(_LEARNT_PREFIXES)}
     problems = [f"missing {k}" for k in sorted(expected - tensors.keys())]

@@ -49,7 +49,9 @@ def save_official_checkpoint(model: BayesPFLModel, path: str | os.PathLike) -> N
     torch.save({"MyModel": to_official_state_dict(model)}, path)
 
 
-def _read(path: Path) -> Mapping[str, torch.Tensor]:
+def read_official_checkpoint(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The tensors of an official file (``module.`` prefixes removed), format checked."""
+    path = Path(path).expanduser()
     content = load_official_file(path, "Bayes-PFL", "a file saved by the official train.py, {'MyModel': state_dict}")
     if isinstance(content, Mapping) and isinstance(content.get("MyModel"), Mapping):
         content = content["MyModel"]
@@ -71,7 +73,7 @@ def load_official_checkpoint(model: BayesPFLModel, path: str | os.PathLike, infe
     checkpoints.
     """
     path = Path(path).expanduser()
-    state = _read(path)
+    state = read_official_checkpoint(path)
     own = learnable_state_dict(model)
     expected = to_official_state_dict(model)
     missing = sorted(set(expected) - set(state))

@@ -21,13 +21,13 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_zsad.clip import load_clip
-from anomalib_zsad.models.components import ZeroShotModuleMixin, clip_pre_processor
-
-from .checkpoint import load_official_checkpoint
-from .optim import cosine_with_warmup, make_adam, stage1_param_groups, stage2_param_groups
+from anomalib_zsad.clip import ClipModel
+from anomalib_zsad.models.components import ZeroShotModuleMixin
 from anomalib_zsad.models.components.class_names import class_name_from_path
+from anomalib_zsad.models.components.contract import ArgumentCheck, renamed_argument
 
+from .checkpoint import load_official_checkpoint, read_official_checkpoint
+from .optim import cosine_with_warmup, make_adam, stage1_param_groups, stage2_param_groups
 from .torch_model import BayesPFLModel
 
 logger = logging.getLogger(__name__)
@@ -37,22 +37,49 @@ class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
     """Bayes-PFL: Bayesian prompt flow learning for zero-shot anomaly detection (CVPR 2025).
 
     Args:
-        backbone: open_clip architecture (paper: ``ViT-L-14-336``; ``zsad-tiny`` for tests).
-        pretrained: open_clip tag (``openai``), a CLIP checkpoint path, or None for random weights.
-        activation: the CLIP's MLP activation; the official code uses exact ``gelu`` even with
-            OpenAI's weights (trained with QuickGELU). ``auto`` follows the weights.
-        image_size: input size of the default pre-processor (official 518).
-        checkpoint: an official ``{"MyModel": ...}`` file to start from (then zero-shot at once).
-        class_name: the object word of the prompts (``"X <class_name>"``). None: each image's
-            category from its path (``<root>/<category>/test/...``), else ``"object"``.
-        prompt_num, context_length, state_length, num_flows: prompt bank and flows (3, 5, 5, 10).
-        num_samples: Monte-Carlo samples at inference (official 10); sample_chunk_size bounds memory.
-        feature_layers: vision blocks; None = the tower's quarters (6, 12, 18, 24 of ViT-L).
-        sigma, score_alpha, topk: map smoothing (8), image-score fusion (0.5) and its top-k (2000).
+        backbone: open_clip architecture of the frozen CLIP (paper: ``ViT-L-14-336``; ``zsad-tiny``
+            is a small random one for tests).
+        pretrained: CLIP weights: an open_clip tag (``openai``), a local checkpoint file, or None
+            for random weights (tests only).
+        activation: MLP activation of the CLIP: the official code uses exact ``gelu`` even with
+            OpenAI's weights (trained with QuickGELU); ``auto`` follows the weights.
+        image_size: input side (or [height, width]) of the default pre-processor (official 518); a
+            multiple of the patch size.
+        official_checkpoint: an official ``{"MyModel": ...}`` file to start from; the model is then
+            ready zero-shot without training.
+        class_name: the object word of the prompts (``"X <class_name>"``): ``"auto"`` reads each
+            image's category from its path (``<root>/<category>/test/...``), else ``"object"``; any
+            other string is used for every image.
+        prompt_num: prompts in the bank (official 3).
+        context_length: learnt context tokens per prompt (official 5).
+        state_length: learnt state tokens per prompt (official 5).
+        num_flows: planar flows of the prompt distributions (official 10).
+        num_samples: Monte-Carlo prompt samples at inference (official 10).
+        sample_chunk_size: samples run together (bounds memory; no effect on results).
+        feature_layers: vision blocks (1-based); None = the tower's quarters (6, 12, 18, 24 of ViT-L).
+        sigma: standard deviation of the Gaussian smoothing of the map, in pixels (official 8).
+        score_alpha: weight of the image classifier in the image score, against the top-k mean of
+            the map (official 0.5).
+        topk: pixels of the map averaged into the image score (official 2000).
         stage1_epochs: epochs of stage 1 before the classifier-only stage 2 (see module docstring).
-        lr_prompt, lr_temperature, lr_flow, lr_linear, betas, warmup_fraction: official optimiser.
-        seed: CLIP random init (tests), parameter init and Monte-Carlo noise.
+        lr_prompt: Adam learning rate of the prompt bank (official 1e-3).
+        lr_temperature: Adam learning rate of the temperature (official 0.01).
+        lr_flow: Adam learning rate of the flows (official 1e-3).
+        lr_linear: Adam learning rate of the linear mappings (official 1e-4).
+        betas: Adam betas (official (0.5, 0.999)).
+        warmup_fraction: share of the steps with a linear warm-up of stage 1 (official 0.1).
+        seed: random CLIP weights (tests), parameter init and Monte-Carlo noise.
+        allow_clip_mismatch: run a checkpoint on another CLIP or image size than it was trained
+            with (refused otherwise).
+        checkpoint: deprecated name of ``official_checkpoint``.
+        pre_processor: anomalib pre-processor; True = CLIP's resize and normalisation at ``image_size``.
+        post_processor: anomalib post-processor; True = thresholds from validation, maps unnormalised.
+        evaluator: anomalib evaluator; True = the papers' six metrics.
+        visualizer: anomalib visualizer; True = the default one.
     """
+
+    pos_embed_mode = "bicubic_antialias"
+    paper_max_epochs = 30
 
     def __init__(
         self,
@@ -60,8 +87,8 @@ class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
         pretrained: str | None = "openai",
         activation: str = "gelu",
         image_size: int | Sequence[int] = 518,
-        checkpoint: str | os.PathLike | None = None,
-        class_name: str | None = None,
+        official_checkpoint: str | os.PathLike | None = None,
+        class_name: str | None = "auto",
         prompt_num: int = 3,
         context_length: int = 5,
         state_length: int = 5,
@@ -80,32 +107,60 @@ class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
         betas: Sequence[float] = (0.5, 0.999),
         warmup_fraction: float = 0.1,
         seed: int = 0,
+        allow_clip_mismatch: bool = False,
+        checkpoint: str | os.PathLike | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        pre_processor = clip_pre_processor(image_size) if pre_processor is True else pre_processor
+        official_checkpoint = renamed_argument("BayesPFL", "official_checkpoint", official_checkpoint,
+                                               checkpoint=checkpoint)
+        class_name = class_name or "auto"  # None was the old spelling of "auto"
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
-        clip = load_clip(backbone, pretrained, activation=activation, pos_embed_mode="bicubic_antialias", seed=seed)
-        self.model = BayesPFLModel(clip, class_name=class_name or "object", prompt_num=prompt_num,
-                                   context_length=context_length, state_length=state_length, num_flows=num_flows,
-                                   num_samples=num_samples, sample_chunk_size=sample_chunk_size,
-                                   feature_layers=feature_layers, sigma=sigma, score_alpha=score_alpha, topk=topk,
-                                   seed=seed, init_seed=seed)
-        self.class_name = class_name
-        self.stage1_epochs = stage1_epochs
-        self.lrs = {"lr_prompt": lr_prompt, "lr_temperature": lr_temperature, "lr_flow": lr_flow,
-                    "lr_linear": lr_linear}
-        self.betas = tuple(betas)
-        self.warmup_fraction = warmup_fraction
         # Two optimisers (one per stage) and a per-batch schedule of stage 1 only.
         self.automatic_optimization = False
-        self._init_zero_shot_state(trained=False)
         self._stage2_steps = 0
-        if checkpoint is not None:
-            self.load_official_checkpoint(checkpoint)
+        self.init_contract(pre_processor, official_checkpoint, renamed=("checkpoint",))
+
+    @property
+    def class_name(self) -> str | None:
+        """The fixed object word, or None for ``"auto"``."""
+        name = self.settings["class_name"]
+        return None if name == "auto" else name
+
+    @property
+    def stage1_epochs(self) -> int:
+        return self.settings["stage1_epochs"]
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        return {name: self.settings[name] for name in ("lr_prompt", "lr_temperature", "lr_flow", "lr_linear")}
+
+    def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
+        for name in ("prompt_num", "context_length", "state_length", "num_samples", "sample_chunk_size", "topk"):
+            check.positive(name, settings[name])
+        check.positive("num_flows", settings["num_flows"], zero=True)
+        check.layers("feature_layers", settings["feature_layers"], arch.vision_layers if arch is not None else None)
+        check.positive("sigma", settings["sigma"], zero=True)
+        check.in_range("score_alpha", settings["score_alpha"], 0.0, 1.0)
+        check.positive("stage1_epochs", settings["stage1_epochs"], zero=True)
+        for name in ("lr_prompt", "lr_temperature", "lr_flow", "lr_linear"):
+            check.positive(name, settings[name])
+        check.in_range("warmup_fraction", settings["warmup_fraction"], 0.0, 1.0)
+
+    def build_model(self, clip: ClipModel) -> BayesPFLModel:
+        s = self.settings
+        return BayesPFLModel(clip, class_name=self.class_name or "object", prompt_num=s["prompt_num"],
+                             context_length=s["context_length"], state_length=s["state_length"],
+                             num_flows=s["num_flows"], num_samples=s["num_samples"],
+                             sample_chunk_size=s["sample_chunk_size"], feature_layers=s["feature_layers"],
+                             sigma=s["sigma"], score_alpha=s["score_alpha"], topk=s["topk"], seed=s["seed"],
+                             init_seed=s["seed"])
+
+    read_official_weights = staticmethod(read_official_checkpoint)
+    load_official_weights = staticmethod(load_official_checkpoint)
 
     def load_official_checkpoint(self, path: str | os.PathLike) -> None:
         """Load an official checkpoint (stage-2 inference, as ``test.py``); ready zero-shot."""
@@ -125,10 +180,11 @@ class BayesPFL(ZeroShotModuleMixin, AnomalibModule):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> tuple[list, list]:
-        stage1 = make_adam(stage1_param_groups(self.model, **self.lrs), self.betas)
-        stage2 = make_adam(stage2_param_groups(self.model, self.lrs["lr_linear"]), self.betas)
+        betas = tuple(self.settings["betas"])
+        stage1 = make_adam(stage1_param_groups(self.model, **self.lrs), betas)
+        stage2 = make_adam(stage2_param_groups(self.model, self.lrs["lr_linear"]), betas)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        scheduler = cosine_with_warmup(stage1, total, self.warmup_fraction)
+        scheduler = cosine_with_warmup(stage1, total, self.settings["warmup_fraction"])
         return [stage1, stage2], [{"scheduler": scheduler, "interval": "step"}]
 
     def current_stage(self) -> int:

@@ -30,8 +30,10 @@ from anomalib import LearningType
 from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
+from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
+from .contract import IDENTITY_KEY, ModelContract
 from .quantization import quantize_ov_model
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FROZEN_PREFIX = "model.clip."
+LIGHTNING_FALLBACK_EPOCHS = 1000  # what Lightning trains when no limit is given
 
 
 def clip_pre_processor(image_size: int | Sequence[int] = 518) -> PreProcessor:
@@ -63,14 +66,30 @@ def paper_evaluator() -> Evaluator:
     ])
 
 
-class ZeroShotModuleMixin:
-    """Shared hooks; the class using it sets ``self.model`` (with a ``clip`` attribute) and calls
-    :meth:`_init_zero_shot_state` in its ``__init__``."""
+class ZeroShotModuleMixin(ModelContract):
+    """Shared hooks. A model's ``__init__`` calls ``super().__init__(pre_processor=..., ...)`` and
+    then :meth:`init_contract`; it declares the rest as :class:`ModelContract` describes."""
 
-    def _init_zero_shot_state(self, trained: bool = False) -> None:
+    def init_contract(self, pre_processor: nn.Module | bool, official_checkpoint: Any = None,  # noqa: ANN401
+                      renamed: Sequence[str] = ()) -> None:
+        """Check every argument (one error for all), size the default pre-processor, and read the
+        official weights file if one is given; the CLIP itself is built at first use."""
+        for name in renamed:  # deprecated aliases: their value now lives under the new name
+            self.hparams.pop(name, None)
         # Persistent, so a Lightning checkpoint says whether its learnt parts were trained.
-        self.register_buffer("learnt_parts_trained", torch.tensor(trained))
+        self.register_buffer("learnt_parts_trained", torch.tensor(False))
         self._warned_no_masks = False
+        self._warned_untrained = False
+        self._default_pre_processor = pre_processor is True
+        self.validate_arguments()
+        self.apply_settings(rebuild=False)
+        self.init_official_weights(official_checkpoint)
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: int | Sequence[int] | None = None) -> PreProcessor:
+        """CLIP's resize and normalisation (not anomalib's ImageNet default), also where anomalib's
+        benchmark asks for a pre-processor of a given ``image_size``."""
+        return clip_pre_processor(image_size or 518)
 
     @property
     def learning_type(self) -> LearningType:
@@ -84,9 +103,48 @@ class ZeroShotModuleMixin:
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        # Epochs and the like live in configs/model/<method>.yaml, where a user can change them
-        # (anomalib lets trainer_arguments override the user's trainer settings).
+        # Not the paper's epochs: anomalib lets trainer_arguments override the user's trainer
+        # settings. They are set in setup() where the user gave none (see use_paper_epochs).
         return {}
+
+    def default_max_epochs(self) -> int | None:
+        """The paper's training length (None: the model does not train)."""
+        return self.paper_max_epochs
+
+    def use_paper_epochs(self) -> None:
+        """Without ``max_epochs``/``max_steps``/``max_time`` Lightning trains 1000 epochs; run the
+        paper's number instead (``--trainer.max_epochs`` still decides where it is given)."""
+        trainer, epochs = self.trainer, self.default_max_epochs()
+        unset = trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_EPOCHS and trainer.max_steps == -1
+        if epochs and unset and trainer.max_time is None:
+            logger.info("%s: max_epochs not given, training the paper's %d epochs", type(self).__name__, epochs)
+            trainer.fit_loop.max_epochs = epochs
+
+    def setup(self, stage: str) -> None:
+        """Training builds the model here, before the strategy moves it and wraps it for DDP; test
+        and predict wait for a checkpoint that may say which CLIP to build (on_load_checkpoint)."""
+        super().setup(stage)
+        if stage == "fit":
+            self.use_paper_epochs()
+            _ = self.model
+
+    def ready_for_inference(self) -> None:
+        """Build if not yet built, and say so loudly where the learnt parts were never learnt."""
+        _ = self.model
+        if self.has_learnt_parts and not bool(self.learnt_parts_trained) and not self._warned_untrained:
+            self._warned_untrained = True
+            logger.warning("%s runs with learnt parts that were never trained nor loaded: its scores are those of "
+                           "random prompts. Train it (anomalib train), give --ckpt_path, or give the official "
+                           "weights (--model.official_checkpoint).", type(self).__name__)
+
+    def on_validation_start(self) -> None:
+        self.ready_for_inference()
+
+    def on_test_start(self) -> None:
+        self.ready_for_inference()
+
+    def on_predict_start(self) -> None:
+        self.ready_for_inference()
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
@@ -148,8 +206,14 @@ class ZeroShotModuleMixin:
         return super().to_torch(*args, **kwargs)
 
     def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401  (to_openvino goes through here)
+        """anomalib's export, with the input's height and width dynamic: the pre-processor's resize
+        in the graph brings any image to the model size (:mod:`.export`); ``input_size`` only sets
+        the probe image."""
+        from .export import any_size_export  # noqa: PLC0415
+
         self._freeze_for_export()
-        return super().to_onnx(*args, **kwargs)
+        with any_size_export(self, kwargs) as onnx_kwargs:
+            return super().to_onnx(*args, **onnx_kwargs)
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:  # noqa: ANN401
         """``--compression_type int8_ptq``: anomalib's calibration data (the datamodule's validation
@@ -168,15 +232,20 @@ class ZeroShotModuleMixin:
         return quantize_ov_model(model, dataloader)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen CLIP out (1.7 GB for ViT-L/14@336): it is rebuilt from the
-        hyper-parameters (backbone and weights) when the checkpoint is loaded."""
+        """Leave the frozen CLIP out (1.7 GB for ViT-L/14@336), but say which CLIP it was: it is
+        rebuilt from the settings when the checkpoint is loaded, and must be the same. The official
+        weights file is not needed again: what was learnt is in the checkpoint."""
         super().on_save_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
             del state[key]
+        checkpoint[IDENTITY_KEY] = self.identity()
+        if "official_checkpoint" in checkpoint.get("hyper_parameters", {}):
+            checkpoint["hyper_parameters"]["official_checkpoint"] = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        self.adopt_checkpoint_settings(checkpoint)  # builds the CLIP the checkpoint needs
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.state_dict().items():
             if key.startswith(FROZEN_PREFIX):

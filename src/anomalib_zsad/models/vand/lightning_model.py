@@ -22,10 +22,11 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_zsad.clip import load_clip
-from anomalib_zsad.models.components import ZeroShotModuleMixin, clip_pre_processor
+from anomalib_zsad.clip import ClipModel
+from anomalib_zsad.models.components import ZeroShotModuleMixin
+from anomalib_zsad.models.components.contract import ArgumentCheck, renamed_argument
 
-from .checkpoint import load_official_checkpoint
+from .checkpoint import load_official_checkpoint, read_official_checkpoint
 from .loss import VandLoss, build_optimizer
 from .torch_model import VandModel
 
@@ -48,71 +49,111 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
     """VAND / APRIL-GAN: zero-/few-shot anomaly segmentation (CVPR 2023 VAND challenge winner).
 
     Args:
-        backbone: open_clip architecture (official ``ViT-L-14-336``; ``zsad-tiny`` for tests).
-        pretrained: open_clip tag (``openai``), a CLIP checkpoint path, or None for random weights.
-        image_size: input size of the default pre-processor (official 518).
-        checkpoint: an official ``{"trainable_linearlayer": ...}`` file (``visa_pretrained.pth`` to
-            test on MVTec AD, ``mvtec_pretrained.pth`` for VisA): the model is then ready at once.
-        feature_layers: vision blocks with a learnt linear map; None = 6, 12, 18, 24 of 24.
+        backbone: open_clip architecture of the frozen CLIP (official ``ViT-L-14-336``; ``zsad-tiny``
+            is a small random one for tests).
+        pretrained: CLIP weights: an open_clip tag (``openai``), a local checkpoint file, or None
+            for random weights (tests only).
+        activation: MLP activation of the CLIP: the official code runs OpenAI's weights with exact
+            ``gelu`` (its model config lacks ``quick_gelu``); ``auto`` follows the weights.
+        image_size: input side (or [height, width]) of the default pre-processor (official 518); a
+            multiple of the patch size.
+        official_checkpoint: an official ``{"trainable_linearlayer": ...}`` file
+            (``visa_pretrained.pth`` to test on MVTec AD, ``mvtec_pretrained.pth`` for VisA); the
+            model is then ready at once.
+        class_name: the object word of the prompts: ``"auto"`` takes the datamodule's category, or
+            each image's category folder (MVTec/VisA layout) on pooled sets and in training, else
+            ``"object"``; any other string is used for every image.
+        class_names_from_paths: with ``"auto"``, read per-image names from the image paths in
+            training and on pooled evaluation sets, as the official code does.
+        feature_layers: vision blocks (1-based) with a learnt linear map; None = 6, 12, 18, 24 of 24.
         few_shot_layers: blocks of the few-shot memory; None = ``feature_layers``.
         k_shot: normal reference images of the target for the few-shot memory (official 4; 0 =
             zero-shot). Taken from ``few_shot_source`` or else the target's train split.
         few_shot_source: folder of normal reference images.
         few_shot_seed: seed of the draw of the reference images from the train split.
-        class_name: object name in the prompts; None = the datamodule's category, or each image's
-            category folder (MVTec/VisA layout) when ``class_names_from_paths``, else ``object``.
-        class_names_from_paths: per-image class names from the image paths in training and on
-            pooled evaluation sets, as the official code does.
-        activation: MLP activation of the CLIP: the official code runs OpenAI's weights with exact
-            ``gelu`` (its model config lacks ``quick_gelu``); ``auto`` follows the weights.
-        logit_scale: the official fixed 100.
-        lr, betas: Adam settings (official 1e-3, (0.5, 0.999)).
+        logit_scale: scale of the patch-text similarities (the official fixed 100).
+        lr: Adam learning rate (official 1e-3).
+        betas: Adam betas (official (0.5, 0.999)).
         official_single_image_dice: the official per-row dice of one-image batches (see loss.py).
+        seed: random CLIP weights (tests); the linear layers start as PyTorch initialises them.
+        allow_clip_mismatch: run a checkpoint on another CLIP or image size than it was trained
+            with (refused otherwise).
+        checkpoint: deprecated name of ``official_checkpoint``.
+        pre_processor: anomalib pre-processor; True = CLIP's resize and normalisation at ``image_size``.
+        post_processor: anomalib post-processor; True = thresholds from validation, maps unnormalised.
+        evaluator: anomalib evaluator; True = the papers' six metrics.
+        visualizer: anomalib visualizer; True = the default one.
     """
+
+    pos_embed_mode = "bicubic_antialias"  # the vendored open_clip's resize
+    paper_max_epochs = 15
 
     def __init__(
         self,
         backbone: str = "ViT-L-14-336",
         pretrained: str | None = "openai",
+        activation: str = "gelu",
         image_size: int | Sequence[int] = 518,
-        checkpoint: str | os.PathLike | None = None,
+        official_checkpoint: str | os.PathLike | None = None,
+        class_name: str | None = "auto",
+        class_names_from_paths: bool = True,
         feature_layers: Sequence[int] | None = None,
         few_shot_layers: Sequence[int] | None = None,
         k_shot: int = 0,
         few_shot_source: str | os.PathLike | None = None,
         few_shot_seed: int = 42,
-        class_name: str | None = None,
-        class_names_from_paths: bool = True,
-        activation: str = "gelu",
         logit_scale: float = 100.0,
         lr: float = 1e-3,
         betas: Sequence[float] = (0.5, 0.999),
         official_single_image_dice: bool = False,
         seed: int = 0,
+        allow_clip_mismatch: bool = False,
+        checkpoint: str | os.PathLike | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        pre_processor = clip_pre_processor(image_size) if pre_processor is True else pre_processor
+        official_checkpoint = renamed_argument("Vand", "official_checkpoint", official_checkpoint, checkpoint=checkpoint)
+        class_name = class_name or "auto"  # None was the old spelling of "auto"
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
-        clip = load_clip(backbone, pretrained, activation=activation, pos_embed_mode="bicubic_antialias", seed=seed)
-        self.model = VandModel(clip, feature_layers=feature_layers, few_shot_layers=few_shot_layers,
-                               logit_scale=logit_scale, class_name=class_name or "object")
-        self.loss = VandLoss(official_single_image_dice)
-        self.lr = lr
-        self.betas = tuple(betas)
-        self.k_shot = int(k_shot)
-        self.few_shot_source = Path(few_shot_source) if few_shot_source else None
-        self.few_shot_seed = few_shot_seed
-        self.class_name = class_name
-        self.class_names_from_paths = class_names_from_paths
         self._per_image_classes = False
         self._is_setup = False
-        self._init_zero_shot_state(trained=False)
-        if checkpoint is not None:
-            self.load_official_checkpoint(checkpoint)
+        self.init_contract(pre_processor, official_checkpoint, renamed=("checkpoint",))
+        self.loss = VandLoss(official_single_image_dice)
+
+    @property
+    def class_name(self) -> str | None:
+        """The fixed object word, or None for ``"auto"``."""
+        name = self.settings["class_name"]
+        return None if name == "auto" else name
+
+    @property
+    def k_shot(self) -> int:
+        return int(self.settings["k_shot"])
+
+    def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
+        depth = arch.vision_layers if arch is not None else None
+        check.layers("feature_layers", settings["feature_layers"], depth)
+        check.layers("few_shot_layers", settings["few_shot_layers"], depth)
+        check.positive("k_shot", settings["k_shot"], zero=True)
+        check.positive("logit_scale", settings["logit_scale"])
+        check.positive("lr", settings["lr"])
+        source = settings["few_shot_source"]
+        check.require(source is None or Path(source).expanduser().is_dir(),
+                      f"few_shot_source must be a folder of normal images, got {source!r}")
+
+    def build_model(self, clip: ClipModel) -> VandModel:
+        s = self.settings
+        return VandModel(clip, feature_layers=s["feature_layers"], few_shot_layers=s["few_shot_layers"],
+                         logit_scale=s["logit_scale"], class_name=self.class_name or "object")
+
+    read_official_weights = staticmethod(read_official_checkpoint)
+    load_official_weights = staticmethod(load_official_checkpoint)
+
+    def after_build(self) -> None:
+        self._is_setup = False  # class name, text features and memory belong to the model just built
 
     def load_official_checkpoint(self, path: str | os.PathLike) -> None:
         """Load official linear layers (``visa_pretrained.pth``); the model is then ready zero-shot."""
@@ -130,9 +171,9 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
 
     # --- set-up: class name, text features, few-shot memory ---------------------------------------
 
-    def setup(self, stage: str) -> None:
-        """Class name and text features for inference, and the few-shot memory (once)."""
-        del stage
+    def ready_for_inference(self) -> None:
+        """Class name and text features for inference, and the few-shot memory (once per build)."""
+        super().ready_for_inference()
         if self._is_setup:
             return
         name = self._inference_class_name()
@@ -153,13 +194,14 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
         if isinstance(category, str) and category and "+" not in category:
             return category.replace("_", " ")
         # Pooled categories (``a+b``) or none: per-image names from the paths where possible.
-        self._per_image_classes = self.class_names_from_paths and isinstance(category, str) and "+" in category
+        self._per_image_classes = self.settings["class_names_from_paths"] and isinstance(category, str) and "+" in category
         return "object"
 
     def _reference_images(self) -> torch.Tensor:
         """``k_shot`` normal images of the target, pre-processed like the test images."""
-        if self.few_shot_source is not None:
-            dataset = PredictDataset(self.few_shot_source)
+        source = self.settings["few_shot_source"]
+        if source is not None:
+            dataset = PredictDataset(Path(source).expanduser())
         else:
             datamodule = self._datamodule()
             if datamodule is None:
@@ -170,7 +212,7 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
         if count == 0:
             msg = "no reference images found for the few-shot memory"
             raise ValueError(msg)
-        generator = torch.Generator().manual_seed(self.few_shot_seed)
+        generator = torch.Generator().manual_seed(self.settings["few_shot_seed"])
         indices = torch.randperm(count, generator=generator)[: self.k_shot].tolist()
         if count < self.k_shot:
             logger.warning("k_shot=%d but only %d reference images: using them all", self.k_shot, count)
@@ -203,12 +245,13 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
     # --- training --------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model.trainable_linearlayer.parameters(), lr=self.lr, betas=self.betas)
+        return build_optimizer(self.model.trainable_linearlayer.parameters(), lr=self.settings["lr"],
+                               betas=tuple(self.settings["betas"]))
 
     def batch_class_names(self, batch: Any) -> list[str]:  # noqa: ANN401
         default = self.class_name or self.model.class_name
         paths = getattr(batch, "image_path", None)
-        if self.class_name or not self.class_names_from_paths or paths is None:
+        if self.class_name or not self.settings["class_names_from_paths"] or paths is None:
             return [default] * batch.image.shape[0]
         return [class_name_from_path(path, default) for path in paths]
 

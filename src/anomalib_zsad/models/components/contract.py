@@ -1,0 +1,319 @@
+"""The contract every plugin model fills in: one constructor vocabulary, checks before any work,
+a CLIP built when it is needed and bound to its checkpoint.
+
+Why the CLIP is built lazily. ``anomalib test --model X --ckpt_path c.ckpt`` constructs ``X`` from
+the command line's defaults *before* Lightning reads the checkpoint; building ViT-L/14@336 there
+would load 1.7 GB of weights that the checkpoint may not even want (it may have been trained on
+ViT-B/16 at 224 px), and fail offline. So the constructor only checks and records its arguments;
+the frozen CLIP and the method's ``nn.Module`` are built at the first need: ``setup("fit")``,
+a checkpoint being loaded, the first test/predict batch, or any access to ``self.model``.
+
+Why a checkpoint carries its CLIP's identity. Checkpoints leave the frozen CLIP out (1.7 GB); what
+they learnt is only meaningful on the CLIP they were trained with. :func:`clip_identity` records the
+architecture, the weights (tag, or file and its SHA-256), the seed of random weights, the
+activation and the image size. On loading, a setting the user left at its default is taken from
+the checkpoint (so ``--ckpt_path`` alone is enough, as with anomalib's own models); a setting the
+user set to something else is refused with one message that says what the checkpoint needs,
+unless ``allow_clip_mismatch=True`` says it is meant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from anomalib_zsad.clip import ClipModel, load_clip, named_architecture
+from anomalib_zsad.clip.loading import RANDOM_TAGS
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_KEY = "anomalib_zsad_clip_identity"
+IDENTITY_SETTINGS = ("backbone", "pretrained", "activation", "image_size", "seed")
+ACTIVATIONS = ("auto", "gelu", "quick_gelu")
+# Never taken from a checkpoint: they say how to load it, or they are live objects.
+NOT_RESTORED = frozenset({"official_checkpoint", "allow_clip_mismatch", "pre_processor", "post_processor",
+                          "evaluator", "visualizer"})
+
+
+class ArgumentCheck:
+    """Collects every problem of a constructor's arguments, then raises them in one ``ValueError``
+    (a user fixes them all at once instead of one per run)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.problems: list[str] = []
+
+    def require(self, condition: bool, problem: str) -> None:
+        if not condition:
+            self.problems.append(problem)
+
+    def positive(self, name: str, value: float | None, *, zero: bool = False, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if zero else value > 0)
+        self.require(ok, f"{name} must be {'>= 0' if zero else '> 0'}, got {value!r}")
+
+    def in_range(self, name: str, value: float, low: float, high: float) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        self.require(ok, f"{name} must be in [{low}, {high}], got {value!r}")
+
+    def choice(self, name: str, value: Any, choices: Sequence[Any]) -> None:  # noqa: ANN401
+        self.require(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+
+    def layers(self, name: str, layers: Sequence[int] | None, depth: int | None) -> None:
+        """1-based vision blocks, each in ``1..depth`` (depth None: unknown until the CLIP is read)."""
+        if layers is None:
+            return
+        values = list(layers)
+        self.require(bool(values), f"{name} must name at least one block, got {layers!r}")
+        top = depth if depth is not None else 10**6
+        bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top]
+        self.require(not bad, f"{name} must be blocks in 1..{depth if depth else 'depth'} of the CLIP, got {bad}")
+
+    def image_size(self, image_size: Any, patch_size: int | None) -> None:  # noqa: ANN401
+        sides = [image_size] * 2 if isinstance(image_size, int) else list(image_size or [])
+        valid = len(sides) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in sides)  # noqa: PLR2004
+        smallest = patch_size or 1
+        if not valid or min(sides) < smallest:
+            self.problems.append(f"image_size must be a side or [height, width] of at least one patch "
+                                 f"({smallest} px), got {image_size!r}")
+            return
+        if patch_size and any(side % patch_size for side in sides):
+            warnings.warn(f"{self.model}: image_size {image_size} is not a multiple of the patch size {patch_size}: "
+                          f"the last {[s % patch_size for s in sides]} px of each side are not seen by the patch grid "
+                          "and the map is stretched over them. Use a multiple of the patch size.", stacklevel=4)
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            msg = f"{self.model}: " + "; ".join(self.problems)
+            raise ValueError(msg)
+
+
+def renamed_argument(model: str, new_name: str, new_value: Any, **old: Any) -> Any:  # noqa: ANN401
+    """The value of a renamed argument: the new name's, or an old name's with a ``FutureWarning``."""
+    given = {name: value for name, value in old.items() if value is not None}
+    if not given:
+        return new_value
+    if new_value is not None or len(given) > 1:
+        msg = f"{model}: give the official weights once, as {new_name} (got {sorted([new_name, *given])})"
+        raise ValueError(msg)
+    (old_name, value), = given.items()
+    warnings.warn(f"{model}: {old_name} is deprecated, use {new_name}", FutureWarning, stacklevel=3)
+    return value
+
+
+def architecture_or_none(backbone: str) -> Any:  # noqa: ANN401
+    """The named architecture, or None where only the weights file will tell (a local path)."""
+    try:
+        return named_architecture(backbone)
+    except (ValueError, RuntimeError):
+        return None
+
+
+def is_random(pretrained: str | os.PathLike | None) -> bool:
+    return pretrained in RANDOM_TAGS or str(pretrained).lower() in {"random", "none"}
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime: float) -> str:
+    del size, mtime  # part of the cache key: a changed file is hashed again
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(pretrained: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a local weights file (None for a tag or random weights)."""
+    if is_random(pretrained) or not Path(str(pretrained)).expanduser().is_file():
+        return None
+    path = Path(str(pretrained)).expanduser().resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime)
+
+
+def clip_identity(settings: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the frozen CLIP (and its input size) of a model with these settings."""
+    image_size = settings.get("image_size")
+    identity = {
+        "backbone": settings.get("backbone"),
+        "pretrained": None if is_random(settings.get("pretrained")) else str(settings.get("pretrained")),
+        "weights_sha256": weights_sha256(settings.get("pretrained")),
+        "activation": settings.get("activation", "auto"),
+        "image_size": list(image_size) if isinstance(image_size, (list, tuple)) else image_size,
+    }
+    if identity["pretrained"] is None:  # random weights: the seed decides them
+        identity["seed"] = settings.get("seed")
+    return identity
+
+
+def _same_weights(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    if stored.get("weights_sha256") and current.get("weights_sha256"):
+        return stored["weights_sha256"] == current["weights_sha256"]
+    return stored.get("pretrained") == current.get("pretrained")
+
+
+def identity_conflicts(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Each way the current CLIP differs from the checkpoint's, as ``what: checkpoint vs now``."""
+    problems = []
+    for key in ("backbone", "activation", "image_size", "seed"):
+        if key in stored and stored.get(key) != current.get(key):
+            problems.append(f"{key}: checkpoint {stored.get(key)!r}, now {current.get(key)!r}")
+    if not _same_weights(stored, current):
+        problems.append(f"pretrained: checkpoint {stored.get('pretrained')!r} "
+                        f"(sha256 {str(stored.get('weights_sha256'))[:12]}), now {current.get('pretrained')!r}")
+    return problems
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _comparable(value: Any) -> Any:  # noqa: ANN401
+    return list(value) if isinstance(value, tuple) else value
+
+
+class ModelContract:
+    """The part of the contract that needs no Lightning: settings, checks, lazy build, identity.
+
+    A model declares:
+    * ``pos_embed_mode`` (how its official code resizes the CLIP's position embeddings),
+    * ``paper_max_epochs`` (its paper's training length; None for models that do not train),
+    * :meth:`check_arguments` (its own checks, added to the shared ones),
+    * :meth:`build_model` (its ``nn.Module`` around a loaded CLIP),
+    * :meth:`read_official_weights` / :meth:`load_official_weights` (its ``checkpoint.py``).
+    """
+
+    pos_embed_mode: ClassVar[str] = "bicubic_antialias"
+    paper_max_epochs: ClassVar[int | None] = None
+    has_learnt_parts: ClassVar[bool] = True
+
+    # ------------------------------------------------------------------ what a model fills in
+    def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
+        """Add the model's own argument problems to ``check`` (``arch``: the CLIP's shape or None)."""
+
+    def build_model(self, clip: ClipModel) -> nn.Module:
+        raise NotImplementedError
+
+    @staticmethod
+    def read_official_weights(path: Any) -> Any:  # noqa: ANN401
+        """Read and check an official weights file (construction time, before any work)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def load_official_weights(model: nn.Module, path: Any) -> None:  # noqa: ANN401
+        raise NotImplementedError
+
+    def after_build(self) -> None:
+        """Work that needs the built model (e.g. text features), run once after each build."""
+
+    # ------------------------------------------------------------------ shared machinery
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments as saved by ``save_hyperparameters`` (checkpoint-adopted
+        values included)."""
+        return dict(self.hparams)
+
+    def validate_arguments(self) -> None:
+        """All checks at construction: shared ones, then the model's, raised together."""
+        settings = self.settings
+        check = ArgumentCheck(type(self).__name__)
+        check.choice("activation", settings.get("activation", "auto"), ACTIVATIONS)
+        check.require(isinstance(settings.get("backbone"), str) and settings.get("backbone"),
+                      f"backbone must be a CLIP architecture name, got {settings.get('backbone')!r}")
+        arch = architecture_or_none(settings["backbone"]) if check.problems == [] else None
+        if arch is None and isinstance(settings.get("backbone"), str) and is_random(settings.get("pretrained")):
+            try:
+                named_architecture(settings["backbone"])
+            except ValueError as error:
+                check.problems.append(str(error))
+        check.image_size(settings.get("image_size"), arch.patch_size if arch is not None else None)
+        self.check_arguments(check, settings, arch)
+        check.raise_if_any()
+
+    def init_official_weights(self, path: Any) -> None:  # noqa: ANN401
+        """Check an official weights file now (a wrong file fails before any work); load it when
+        the model is built. The model counts as trained from here on."""
+        self._official_weights_path = path
+        if path is not None:
+            self.read_official_weights(path)
+            self.learnt_parts_trained.fill_(True)
+
+    @property
+    def model(self) -> nn.Module:
+        """The method's ``nn.Module``, built at first use (see the module docstring)."""
+        modules = self.__dict__["_modules"]
+        if "model" not in modules:
+            self.build()
+        return modules["model"]
+
+    @property
+    def is_built(self) -> bool:
+        return "model" in self.__dict__["_modules"]
+
+    def build(self) -> None:
+        """Load the frozen CLIP and build the method's module on it (again, after a change)."""
+        settings = self.settings
+        clip = load_clip(settings["backbone"], settings["pretrained"], activation=settings.get("activation", "auto"),
+                         pos_embed_mode=self.pos_embed_mode, seed=settings.get("seed", 0))
+        check = ArgumentCheck(type(self).__name__)  # again, now that the weights told the shape
+        self.check_arguments(check, settings, clip.arch)
+        check.raise_if_any()
+        module = self.build_model(clip)
+        device = getattr(self, "device", torch.device("cpu"))
+        nn.Module.__setattr__(self, "model", module.to(device))
+        path = getattr(self, "_official_weights_path", None)
+        if path is not None:
+            self.load_official_weights(module, path)
+        self.after_build()
+
+    def identity(self) -> dict[str, Any]:
+        return clip_identity(self.settings)
+
+    def adopt_checkpoint_settings(self, checkpoint: dict[str, Any]) -> None:
+        """Take the settings a checkpoint was made with where the user left the defaults; refuse a
+        CLIP (or image size) that differs from the checkpoint's unless ``allow_clip_mismatch``."""
+        stored = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in NOT_RESTORED}
+        defaults = constructor_defaults(type(self))
+        current = self.settings
+        adopted = {}
+        for name, value in stored.items():
+            if name not in defaults or _comparable(current.get(name)) == _comparable(value):
+                continue
+            if _comparable(current.get(name)) == _comparable(defaults[name]):
+                adopted[name] = value
+        if adopted:
+            logger.info("%s: settings taken from the checkpoint: %s", type(self).__name__, adopted)
+            self.hparams.update(adopted)
+        stored_identity = checkpoint.get(IDENTITY_KEY)
+        if stored_identity is not None:
+            conflicts = identity_conflicts(stored_identity, self.identity())
+            if conflicts and not current.get("allow_clip_mismatch", False):
+                msg = (f"{type(self).__name__}: this checkpoint was trained on another CLIP or input size than the "
+                       f"one asked for ({'; '.join(conflicts)}). Leave these settings out to use the checkpoint's, "
+                       "give the checkpoint's values, or pass allow_clip_mismatch=True to run it anyway.")
+                raise ValueError(msg)
+        if adopted or not self.is_built:
+            self.apply_settings(rebuild=bool(adopted) or not self.is_built)
+
+    def apply_settings(self, rebuild: bool) -> None:
+        """After settings changed: the default pre-processor follows ``image_size``; rebuild."""
+        if getattr(self, "_default_pre_processor", False) and self.pre_processor is not None:
+            fresh = self.configure_pre_processor(self.settings["image_size"])
+            self.pre_processor.transform = fresh.transform
+            self.pre_processor.export_transform = fresh.export_transform
+        if rebuild:
+            self.__dict__["_modules"].pop("model", None)
+            self.build()
