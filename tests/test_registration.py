@@ -35,6 +35,25 @@ def test_cli_resolves_the_short_name() -> None:
     assert "class_path: anomalib_zsad.models.AnomalyCLIP" in result.stdout
 
 
+def test_importing_anomalib_models_changes_nothing_in_anomalib() -> None:
+    """The hook registers the plugin (models, datamodules) but rebinds none of anomalib's functions."""
+    code = (
+        "import sys\n"
+        "import anomalib.models\n"
+        "from PIL import Image\n"
+        "import anomalib.data.utils.image as image_module\n"
+        "from anomalib.data.datasets.base import image as base\n"
+        "from anomalib.data import predict\n"
+        "from anomalib.visualization.image import item_visualizer\n"
+        "own = image_module.read_image\n"
+        "print(own.__module__, base.read_image is own, predict.read_image is own,\n"
+        "      item_visualizer.Image is Image, 'anomalib_zsad.data.cross_dataset' in sys.modules)\n"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["anomalib.data.utils.image", "True", "True", "True", "True"]
+
+
 def test_nothing_heavy_is_imported_at_interpreter_start() -> None:
     """The .pth hook only installs a finder: plain Python start-up does not import anomalib."""
     result = run(sys.executable, "-c", "import sys; print('anomalib' in sys.modules, 'torch' in sys.modules)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from anomalib.data import AnomalibDataModule, Folder, MVTecAD, Visa
 
@@ -83,7 +85,7 @@ def test_validation_is_the_target_test_split(demo_root: Path) -> None:
 def test_name_and_category_for_results_folders(demo_root: Path) -> None:
     datamodule = CrossDataset(train=MVTecAD(root=demo_root), test=MVTecAD(root=demo_root),
                               train_categories="brick", test_categories="grass", num_workers=0)
-    assert datamodule.name == "zsad_demo" and datamodule.category == "grass"
+    assert datamodule.name == "MVTecAD" and datamodule.category == "grass"  # the target's, as anomalib names runs
     assert datamodule.target_categories() == ["grass"]
     assert datamodule.source_categories() == {f"MVTecAD({str(demo_root)!r})": ["brick"]}
 
@@ -174,15 +176,37 @@ def test_bad_mask_in_a_source_is_named(demo_copy: Path) -> None:
         datamodule.setup()
 
 
+def _anomalib_reader_untouched() -> bool:
+    import anomalib.data.datasets.base.image as base_dataset
+    import anomalib.data.utils.image as image_module
+
+    from anomalib_zsad.data import read_image_rgb
+
+    return image_module.read_image is not read_image_rgb and base_dataset.read_image is image_module.read_image
+
+
 def test_odd_image_modes_load_as_rgb(demo_copy: Path) -> None:
+    """The plugin's own datamodules read 16-bit/RGBA right with anomalib's reader left alone."""
+    from anomalib_zsad.data import ZSADDemo
+
     save_png(demo_copy / "brick" / "test" / "good" / "000.png", np.full((64, 64), 30000, np.uint16))
     save_png(demo_copy / "brick" / "test" / "good" / "001.png", np.full((64, 64, 4), 90, np.uint8))
+    expected = round(30000 / 257) / 255  # anomalib's convert("RGB") would give 1.0 (white)
     datamodule = _cross(demo_copy, "coffee", train_categories=["brick"], train_batch_size=PER_CATEGORY)
+    assert _anomalib_reader_untouched()
     batch = next(iter(datamodule.train_dataloader()))
     assert batch.image.shape == (PER_CATEGORY, 3, 64, 64)
     by_name = dict(zip(batch.image_path, batch.image, strict=True))
     gray16 = by_name[str(demo_copy / "brick" / "test" / "good" / "000.png")]
-    assert abs(float(gray16.mean()) - round(30000 / 257) / 255) < 1e-6
+    assert abs(float(gray16.mean()) - expected) < 1e-6
+    demo = ZSADDemo(root=demo_copy, category="brick", num_workers=0, eval_batch_size=PER_CATEGORY)
+    demo.setup()
+    batch = next(iter(demo.test_dataloader()))
+    by_name = dict(zip(batch.image_path, batch.image, strict=True))
+    assert abs(float(by_name[str(demo_copy / "brick" / "test" / "good" / "000.png")].mean()) - expected) < 1e-6
+    assert torch.allclose(by_name[str(demo_copy / "brick" / "test" / "good" / "001.png")], torch.tensor(90 / 255))
+    assert batch.gt_mask.shape == (PER_CATEGORY, 64, 64) and int(batch.gt_label.sum()) == TINY["n_test_defect"]
+    assert _anomalib_reader_untouched()
 
 
 def test_visa_layout_source(demo_root: Path, tmp_path: Path) -> None:
@@ -327,3 +351,107 @@ def test_raw_visa_is_split_once_and_used(tmp_path: Path, demo_root: Path) -> Non
     assert all("/visa_pytorch/candle/test/" in p for p in samples.image_path)
     batch = next(iter(datamodule.train_dataloader()))
     assert batch.gt_mask is not None and int(batch.gt_mask.sum()) > 0
+
+
+# ------------------------------------------------------------------ copies of target images (issue 12)
+@pytest.mark.parametrize("kind", ["hard-linked", "byte-identical"])
+def test_a_copy_of_the_target_is_refused(demo_root: Path, tmp_path: Path, kind: str) -> None:
+    """`cp -al` (hard links) or `cp -r` of the target category under another name trains on every target image."""
+    aux = tmp_path / "aux"
+    copy = os.link if kind == "hard-linked" else shutil.copy2
+    shutil.copytree(demo_root / "brick", aux / "wall", copy_function=copy)
+    if kind == "hard-linked":
+        assert (aux / "wall" / "test" / "good" / "000.png").stat().st_ino == \
+            (demo_root / "brick" / "test" / "good" / "000.png").stat().st_ino
+    datamodule = CrossDataset(train=MVTecAD(root=aux), test=MVTecAD(root=demo_root, category="brick"), num_workers=0)
+    how = "the same file as" if kind == "hard-linked" else "a byte-identical copy of"
+    with pytest.raises(DatasetError, match=rf"^{PER_CATEGORY} target \(test\) image\(s\) are also in the training "
+                                           rf"sources, e.g. '.*aux/wall/test/.*' \({how} '.*/brick/test/"):
+        datamodule.setup()
+
+
+def test_one_copied_image_among_others_is_found(demo_root: Path, tmp_path: Path) -> None:
+    aux = tmp_path / "aux"
+    shutil.copytree(demo_root / "coffee", aux / "mocha")
+    shutil.copy(demo_root / "brick" / "test" / "good" / "001.png", aux / "mocha" / "test" / "good" / "000.png")
+    datamodule = CrossDataset(train=MVTecAD(root=aux), test=MVTecAD(root=demo_root, category="brick"), num_workers=0)
+    with pytest.raises(DatasetError, match=r"^1 target .*mocha/test/good/000.png' \(a byte-identical copy of "
+                                           r"'.*brick/test/good/001.png'\)"):
+        datamodule.setup()
+
+
+def test_same_size_different_content_is_not_a_copy(tmp_path: Path) -> None:
+    """Uncompressed PNGs of one shape all have one size: the content decides, not the size."""
+    from PIL import Image
+
+    from anomalib_zsad.data.cross_dataset import find_shared_images
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(path, compress_level=0)
+        paths.append(str(path))
+    assert len({Path(p).stat().st_size for p in paths}) == 1 and Path(paths[0]).stat().st_size > 2 * 65536
+    assert find_shared_images(paths[:2], paths[2:]) == []
+    shutil.copy(paths[2], tmp_path / "same.png")
+    # a copy that differs only in the middle (first/last 64 KiB equal) is not a copy either
+    middle = bytearray(Path(paths[2]).read_bytes())
+    middle[len(middle) // 2] ^= 0xFF
+    (tmp_path / "middle.png").write_bytes(bytes(middle))
+    found = find_shared_images([*paths[:2], str(tmp_path / "same.png"), str(tmp_path / "middle.png")], paths[2:])
+    assert found == [(str(tmp_path / "same.png"), paths[2], "a byte-identical copy of")]
+
+
+# ------------------------------------------------------------------ every image's header up front (issue 12)
+@pytest.mark.parametrize("content", [b"", b"<html>not an image</html>"], ids=["zero-byte", "not-an-image"])
+def test_a_broken_good_image_fails_at_setup_not_mid_epoch(demo_copy: Path, content: bytes) -> None:
+    bad = demo_copy / "brick" / "test" / "good" / "001.png"
+    bad.write_bytes(content)
+    mvtec = CrossDataset(train=MVTecAD(root=demo_copy), test=MVTecAD(root=demo_copy, category="coffee"),
+                         train_categories=["brick"], num_workers=0)
+    with pytest.raises(DatasetError, match=rf"Cannot read '{bad}'"):
+        mvtec.setup()
+    folder = Folder(name="brick", root=demo_copy / "brick", normal_dir="train/good", normal_test_dir="test/good",
+                    abnormal_dir="test/hole", mask_dir="ground_truth/hole")  # indexed by anomalib, not by layout
+    through_folder = CrossDataset(train=folder, test=MVTecAD(root=demo_copy, category="coffee"), num_workers=0)
+    with pytest.raises(DatasetError, match=rf"Cannot read '{bad}'"):
+        through_folder.setup()
+    unchecked = CrossDataset(train=MVTecAD(root=demo_copy), test=MVTecAD(root=demo_copy, category="coffee"),
+                             train_categories=["brick"], num_workers=0, validate=False)
+    unchecked.setup()  # validate=False: found only when read, still naming the file
+    with pytest.raises(DatasetError, match=rf"Cannot read image '{bad}'"):
+        list(unchecked.train_dataloader())
+
+
+# ------------------------------------------------------------------ results tree (issue 13)
+def test_runs_land_in_the_tree_of_anomalib_test_on_the_target(demo_root: Path, tmp_path: Path) -> None:
+    """A CrossDataset run and `anomalib test --data MVTecAD --data.category coffee` share one results tree.
+
+    Uses what anomalib itself computes: the Engine's workspace (``<root>/<model>/<name>/<category>``) and
+    the image visualiser's output file for every test image.
+    """
+    from anomalib.engine import Engine
+    from anomalib.models import Padim
+    from anomalib.utils.path import generate_output_filename
+
+    model = Padim(backbone="resnet18", pre_trained=False)
+    trees = []
+    for datamodule in (
+        MVTecAD(root=demo_root, category="coffee", num_workers=0),
+        CrossDataset(train=MVTecAD(root=demo_root), test=MVTecAD(root=demo_root, category="coffee"),
+                     train_categories=["brick"], num_workers=0),
+    ):
+        datamodule.setup()
+        engine = Engine(default_root_dir=tmp_path / "results")
+        engine._setup_workspace(model, datamodule=datamodule)  # noqa: SLF001 - what fit/test/predict call
+        run_dir = Path(engine._cache.args["default_root_dir"])  # noqa: SLF001
+        images = sorted(
+            generate_output_filename(path, run_dir / "images", datamodule.name, datamodule.category, mkdir=False)
+            for path in datamodule.test_data.samples.image_path
+        )
+        trees.append((run_dir, images))
+    assert trees[0] == trees[1]
+    run_dir, images = trees[1]
+    assert run_dir.relative_to(tmp_path / "results").parts[:3] == ("Padim", "MVTecAD", "coffee")
+    assert len(set(images)) == PER_CATEGORY and all(p.parent.parent == run_dir / "images" for p in images)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from anomalib_zsad.data import DatasetError, validate_folder_dataset
+from anomalib_zsad.data.errors import CorruptFileError
 from anomalib_zsad.data.validation import validate_mvtec_category, validate_samples
 
 from .conftest import make_mvtec_category, save_png
@@ -114,3 +115,19 @@ def test_validate_samples_partial_masks(tmp_path: Path) -> None:
         validate_samples(images, masks, [1, 1], "src")
     assert validate_samples(images, ["", ""], [1, 1], "src") is False
     assert validate_samples(images, [masks[0], category / "ground_truth" / "dent" / "001_mask.png"], [1, 1], "src")
+
+
+@pytest.mark.parametrize("content", [b"", b"GIF89a? no: plain text"], ids=["zero-byte", "not-an-image"])
+def test_header_check_covers_every_image(tmp_path: Path, content: bytes) -> None:
+    """decode=False (what CrossDataset(validate=True) runs) still opens every image, good ones included."""
+    category = make_mvtec_category(tmp_path / "cat")
+    bad = category / "test" / "good" / "001.png"
+    bad.write_bytes(content)
+    with pytest.raises(CorruptFileError, match=rf"Cannot read '{bad}'.*corrupt or not an image"):
+        validate_mvtec_category(category, decode=False)
+    with pytest.raises(CorruptFileError, match=rf"Cannot read '{bad}'"):
+        validate_folder_dataset(tmp_path, decode=False)
+    good = category / "test" / "good" / "000.png"
+    with pytest.raises(CorruptFileError, match=rf"Cannot read '{bad}'"):  # normal images of an indexed set too
+        validate_samples([good, bad], ["", ""], [0, 0], "src")
+    assert validate_samples([good, bad], ["", ""], [0, 0], "src", check_files=False)  # caller checked them

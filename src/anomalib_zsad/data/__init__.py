@@ -4,16 +4,17 @@ Public names are imported lazily (PEP 562) because importing anomalib takes ~10 
 demo generator / validators do not need it. If anomalib is *already* imported (the ``anomalib``
 CLI; the plugin hook in :mod:`anomalib_zsad._register` imports this package after
 ``anomalib.models``), importing this package also :func:`activate` s it: the datamodules become
-visible to jsonargparse by short name (``--data CrossDataset``, ``--data.train ZSADDemo``) and
-anomalib reads images through :func:`read_image_rgb` (so ``anomalib predict --data <folder>``
-handles 16-bit/grayscale/RGBA files).
+visible to jsonargparse by short name (``--data CrossDataset``, ``--data.train ZSADDemo``).
+Nothing of anomalib is changed: the plugin's datamodules read images with :func:`read_image_rgb`
+themselves; :func:`install_rgb_image_reader` makes anomalib's own readers use it too, on request.
 
 * :class:`CrossDataset` - train on one data set's test split, test on another's category.
 * :func:`make_demo_dataset` - write the small offline MVTec-layout demo set;
   :class:`ZSADDemo` - anomalib MVTecAD datamodule over it that generates it on demand.
 * :func:`validate_folder_dataset`, :class:`DatasetError` - early, explicit data checks.
-* :func:`read_image_rgb`, :func:`install_rgb_image_reader` - robust image loading (16-bit,
-  grayscale, RGBA -> RGB) for anomalib, including ``anomalib predict --data <folder>``.
+* :func:`read_image_rgb` - robust image loading (16-bit, grayscale, RGBA -> RGB), used by the
+  plugin's datamodules; :func:`install_rgb_image_reader` / :func:`uninstall_rgb_image_reader` -
+  opt-in (and out) for anomalib's own readers, e.g. ``anomalib predict --data <folder>``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ _EXPORTS = {
     "make_demo_dataset": "anomalib_zsad.data.demo",
     "ZSADDemo": "anomalib_zsad.data.demo_datamodule",
     "DatasetError": "anomalib_zsad.data.errors",
+    "CorruptFileError": "anomalib_zsad.data.errors",
     "FolderSummary": "anomalib_zsad.data.validation",
     "validate_folder_dataset": "anomalib_zsad.data.validation",
     "validate_image_folder": "anomalib_zsad.data.validation",
     "read_image_rgb": "anomalib_zsad.data.image_io",
     "install_rgb_image_reader": "anomalib_zsad.data.image_io",
+    "uninstall_rgb_image_reader": "anomalib_zsad.data.image_io",
 }
 
 __all__ = sorted([*_EXPORTS, "activate"])
@@ -40,8 +43,8 @@ if TYPE_CHECKING:
     from anomalib_zsad.data.cross_dataset import CrossDataset
     from anomalib_zsad.data.demo import make_demo_dataset
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
-    from anomalib_zsad.data.errors import DatasetError
-    from anomalib_zsad.data.image_io import install_rgb_image_reader, read_image_rgb
+    from anomalib_zsad.data.errors import CorruptFileError, DatasetError
+    from anomalib_zsad.data.image_io import install_rgb_image_reader, read_image_rgb, uninstall_rgb_image_reader
     from anomalib_zsad.data.validation import FolderSummary, validate_folder_dataset, validate_image_folder
 
 
@@ -59,12 +62,9 @@ def __dir__() -> list[str]:
 
 
 def activate() -> None:
-    """Import the datamodules (so jsonargparse finds them by short name) and install the RGB reader."""
+    """Import the datamodules, so jsonargparse finds them by short name. Changes nothing in anomalib."""
     from anomalib_zsad.data.cross_dataset import CrossDataset  # noqa: F401, PLC0415
     from anomalib_zsad.data.demo_datamodule import ZSADDemo  # noqa: F401, PLC0415
-    from anomalib_zsad.data.image_io import install_rgb_image_reader  # noqa: PLC0415
-
-    install_rgb_image_reader()
 
 
 if "anomalib.data" in sys.modules:  # anomalib's import cost is already paid

@@ -1,5 +1,9 @@
 """A dataset over a pooled sample table from several data sets/categories, plus a sampler.
 
+Also :class:`RGBReadingMixin`, which makes any anomalib image dataset read with the plugin's
+:func:`~anomalib_zsad.data.image_io.read_image_rgb` (16-bit/gray/RGBA-safe, named errors) without
+touching anomalib's own ``read_image``.
+
 Why not anomalib's datasets: ``MVTecADDataset + VisaDataset`` is refused (``__add__`` needs one
 class), and the base ``__getitem__`` cannot express "this source has no masks" per sample.
 Here each row carries ``has_mask``; rows without masks yield ``gt_mask=None`` and
@@ -14,12 +18,49 @@ from collections.abc import Iterator
 
 import pandas as pd
 import torch
+from anomalib import TaskType
 from anomalib.data import ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.utils import LabelName
 from torch.utils.data import Sampler
 from torchvision.tv_tensors import Mask
 
 from anomalib_zsad.data.image_io import read_image_rgb, read_mask_binary
+
+
+class RGBReadingMixin:
+    """Put before an anomalib image dataset class: items are read with :func:`read_image_rgb`.
+
+    Same item contract as ``AnomalibDataset.__getitem__`` (anomalib 2.7): a zero mask for normal
+    images of a segmentation set, ``gt_mask``/``gt_label`` None for unknown labels. Masks are read
+    as binary (non-zero = anomalous) with errors that name the file.
+    """
+
+    def __getitem__(self, index: int) -> ImageItem:
+        """Load one sample with the plugin's readers."""
+        row = self.samples.iloc[index]
+        image = read_image_rgb(row.image_path, as_tensor=True)
+        label = int(row.label_index)
+        gt_mask = None
+        if self.task == TaskType.SEGMENTATION:
+            if label == LabelName.NORMAL:
+                gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+            elif label == LabelName.ABNORMAL:
+                gt_mask = read_mask_binary(row.mask_path, as_tensor=True)
+        if self.augmentations:
+            if self.task == TaskType.CLASSIFICATION:
+                image = self.augmentations(image)
+            elif self.task == TaskType.SEGMENTATION:
+                scratch = gt_mask if gt_mask is not None else Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+                image, augmented = self.augmentations(image, scratch)
+                gt_mask = augmented if gt_mask is not None else None
+        return ImageItem(
+            image=image,
+            gt_mask=gt_mask,
+            gt_label=None if label == LabelName.UNKNOWN else torch.tensor(label),
+            image_path=row.image_path,
+            mask_path=row.mask_path,
+        )
 
 
 class PooledDataset(AnomalibDataset):

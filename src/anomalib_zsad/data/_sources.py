@@ -114,9 +114,12 @@ def category_test_samples(
     if isinstance(view, Visa):
         view.prepare_data()  # applies VisA's 1-class split once (files already on disk)
     source = describe(datamodule)
+    files_checked = False
     if parent is not None and (parent / category).is_dir():
         if validate:
-            validate_mvtec_category(parent / category)  # stray masks would crash anomalib's indexing
+            # every test image's header, mask sizes, stray masks (which would crash anomalib's indexing)
+            validate_mvtec_category(parent / category)
+            files_checked = True
         if not (parent / category / "ground_truth").is_dir():
             return _maskless_mvtec_samples(parent / category, type(datamodule).__name__)
     try:
@@ -134,7 +137,8 @@ def category_test_samples(
     mask_paths = mask_paths.fillna("").astype(str).replace({"None": "", "nan": ""})
     labels = samples["label_index"].astype(int)
     if validate:
-        has_mask = validate_samples(samples["image_path"], mask_paths, labels, f"{source}/{category}")
+        has_mask = validate_samples(samples["image_path"], mask_paths, labels, f"{source}/{category}",
+                                    check_files=not files_checked)
     else:
         has_mask = bool((mask_paths[labels == 1] != "").all())
     if not (labels == 1).any():  # only normal images: follow the datamodule's own task

@@ -10,7 +10,8 @@ re-implementing their indexing.
 Guarantees:
 
 * training data comes only from ``train`` sources' test splits and never contains an image file
-  that is also in the evaluation set (checked by resolved path; overlap raises);
+  that is also in the evaluation set: same path, same file (device + inode: symlinks, hard links)
+  or same bytes (a copy) all raise;
 * validation and test both use the target's test split for ``test_categories``;
 * a batch's ``gt_mask`` is a tensor for every image or ``None`` (source without masks); mixed
   sources are batched separately, see :class:`MaskGroupedBatchSampler`.
@@ -19,8 +20,11 @@ Guarantees:
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import os
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,13 +35,12 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
 
 from anomalib_zsad.data._samples_dataset import MaskGroupedBatchSampler, PooledDataset
-from anomalib_zsad.data._sources import category_parent, category_test_samples, describe, resolve_categories
+from anomalib_zsad.data._sources import category_test_samples, describe, resolve_categories
 from anomalib_zsad.data.errors import DatasetError
-from anomalib_zsad.data.image_io import install_rgb_image_reader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CrossDataset"]
+__all__ = ["CrossDataset", "find_shared_images"]
 
 
 class CrossDataset(AnomalibDataModule):
@@ -58,8 +61,10 @@ class CrossDataset(AnomalibDataModule):
         num_workers: DataLoader workers.
         train_augmentations, val_augmentations, test_augmentations, augmentations: as in
             :class:`anomalib.data.AnomalibDataModule` (the model's resize is appended by anomalib).
-        validate: check files up front (mask/image sizes, stray or missing masks, unreadable
-            headers) and raise :class:`DatasetError` naming the file. Cheap (headers only).
+        validate: check files up front and raise :class:`DatasetError` naming the file: every image's
+            and mask's header (zero-byte, non-image, decompression-bomb files), mask/image sizes,
+            stray or missing masks. Cheap: Pillow opens each file without decoding its pixels
+            (about 0.1 ms per file, see ``docs/data.md``); corrupt pixel data is caught when read.
         seed: seed of the training batch order (``None``: random).
 
     Batches carry ``image``, ``gt_label`` and ``gt_mask`` (0/1, image size). For a source without
@@ -103,19 +108,18 @@ class CrossDataset(AnomalibDataModule):
         self.validate = validate
         self.has_masks: bool | None = None  # known after setup: do all training batches carry masks?
         self._resolved_targets: tuple[str, list[str]] | None = None  # (repr of test_categories, names)
-        # 16-bit/gray/RGBA-safe reading for anomalib code that re-reads images (visualiser, predict).
-        install_rgb_image_reader()
 
     # ------------------------------------------------------------------ naming (results folders)
     @property
     def name(self) -> str:
-        """Name of the *target* data set folder (e.g. ``MVTecAD``), as anomalib's own datamodules.
+        """The *target* datamodule's own ``name`` (e.g. ``MVTecAD``, a ``Folder``'s name).
 
-        anomalib uses ``name/category`` for the results folder and to strip image paths in the
-        visualiser, so it matches the on-disk folder when there is one.
+        anomalib's Engine writes a run to ``<default_root_dir>/<model>/<name>/<category>/`` and its
+        visualiser places images by finding ``name``/``category`` in their paths; using the target's
+        values makes a ``CrossDataset`` run land in the same tree, with the same image layout, as
+        ``anomalib test --data <Target> --data.category <category>`` on the same data.
         """
-        parent = category_parent(self.target)
-        return parent.name if parent is not None else self.target.name
+        return self.target.name
 
     @property
     def category(self) -> str:
@@ -181,14 +185,19 @@ class CrossDataset(AnomalibDataModule):
 
     @staticmethod
     def _check_disjoint(train: pd.DataFrame, test: pd.DataFrame) -> None:
-        """Refuse any target image in training (resolved paths, so symlinks/relative roots count)."""
-        resolved_test = {str(Path(p).resolve()) for p in test["image_path"]}
-        leaked = [p for p in train["image_path"] if str(Path(p).resolve()) in resolved_test]
+        """Refuse any target image in training, by path, by file identity and by content.
+
+        Same file: same device and inode (``os.stat``), which covers resolved paths, symlinks and
+        hard links (``cp -al``). Same content: same size and, for those only, same BLAKE2 digest
+        (a copy under another name or category). See :func:`find_shared_images`.
+        """
+        leaked = find_shared_images(train["image_path"], test["image_path"])
         if leaked:
+            image, target, how = leaked[0]
             msg = (
-                f"{len(leaked)} target (test) image(s) are also in the training sources, e.g. '{leaked[0]}'. "
-                "Zero-shot evaluation must not train on target images: use another data set or exclude the "
-                "target categories with `train_categories`."
+                f"{len(leaked)} target (test) image(s) are also in the training sources, e.g. '{image}' "
+                f"({how} '{target}'). Zero-shot evaluation must not train on target images: use another data set "
+                "or exclude the target categories with `train_categories`."
             )
             raise DatasetError(msg)
 
@@ -215,3 +224,78 @@ class CrossDataset(AnomalibDataModule):
     def val_dataloader(self) -> EVAL_DATALOADERS:
         """Target test split (same images as :meth:`test_dataloader`)."""
         return super().val_dataloader()
+
+
+# ---------------------------------------------------------------------- overlap of training and target images
+_HEAD_BYTES = 1 << 16
+
+
+def _identity(path: Path) -> tuple[tuple[int, int] | None, int | None]:
+    try:
+        stat = path.stat()
+    except OSError:  # missing (validate=False): compared by resolved path only
+        return None, None
+    return (stat.st_dev, stat.st_ino), stat.st_size
+
+
+def _digest(path: Path, size: int, full: bool) -> bytes | None:
+    """BLAKE2b of the first and last 64 KiB (``full=False``, a cheap pre-filter) or of the whole file."""
+    digest = hashlib.blake2b(digest_size=20)
+    try:
+        with path.open("rb") as file:
+            if full or size <= 2 * _HEAD_BYTES:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+            else:
+                digest.update(file.read(_HEAD_BYTES))
+                file.seek(-_HEAD_BYTES, os.SEEK_END)
+                digest.update(file.read(_HEAD_BYTES))
+    except OSError:
+        return None
+    return digest.digest()
+
+
+def find_shared_images(train_paths: Sequence[str], test_paths: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Training images that are target images: ``[(train image, target image, how), ...]``.
+
+    ``how`` is ``"the same file as"`` (same device and inode: same path, a symlink or a hard link) or
+    ``"a byte-identical copy of"``. Every file is stat'ed once; only files whose size also occurs on
+    the other side are read, first their first/last 64 KiB, then whole if those match, so the check
+    stays cheap on real data sets (compressed images rarely share a size).
+    """
+    test_by_identity: dict[object, str] = {}
+    test_by_size: dict[int, list[tuple[Path, str]]] = defaultdict(list)
+    for name in test_paths:
+        path = Path(name)
+        identity, size = _identity(path)
+        test_by_identity[identity if identity is not None else str(path.resolve())] = str(name)
+        if size is not None:
+            test_by_size[size].append((path, str(name)))
+
+    leaked: list[tuple[str, str, str]] = []
+    same_size: list[tuple[Path, str, int]] = []
+    for name in train_paths:
+        path = Path(name)
+        identity, size = _identity(path)
+        key = identity if identity is not None else str(path.resolve())
+        if key in test_by_identity:
+            leaked.append((str(name), test_by_identity[key], "the same file as"))
+        elif size is not None and size in test_by_size:
+            same_size.append((path, str(name), size))
+
+    digests: dict[tuple[Path, bool], bytes | None] = {}
+
+    def digest(path: Path, size: int, full: bool) -> bytes | None:
+        if (path, full) not in digests:
+            digests[(path, full)] = _digest(path, size, full)
+        return digests[(path, full)]
+
+    for path, name, size in same_size:
+        for target_path, target_name in test_by_size[size]:
+            head = digest(path, size, full=False)
+            if head is None or head != digest(target_path, size, full=False):
+                continue
+            if size <= 2 * _HEAD_BYTES or digest(path, size, full=True) == digest(target_path, size, full=True):
+                leaked.append((name, target_name, "a byte-identical copy of"))
+                break
+    return leaked

@@ -3,7 +3,8 @@
 Why: the README job and the integration tests should need no manual step. ``prepare_data()``
 (called by Lightning, by :class:`~anomalib_zsad.data.CrossDataset`, or by you) writes the set with
 :func:`~anomalib_zsad.data.demo.make_demo_dataset` if it is not there yet (idempotent, atomic) —
-anomalib's MVTecAD would instead try to download MVTec AD.
+anomalib's MVTecAD would instead try to download MVTec AD. Its datasets read images with the
+plugin's :func:`~anomalib_zsad.data.image_io.read_image_rgb` (16-bit/gray/RGBA-safe), not anomalib's.
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from anomalib.data import MVTecAD
-from anomalib.data.utils import TestSplitMode, ValSplitMode
+from anomalib.data.datasets import MVTecADDataset
+from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
+from anomalib_zsad.data._samples_dataset import RGBReadingMixin
 from anomalib_zsad.data.demo import DEFAULT_CATEGORIES, is_demo_dataset, make_demo_dataset
+
+
+class RGBMVTecADDataset(RGBReadingMixin, MVTecADDataset):
+    """anomalib's MVTec AD dataset (same indexing) reading images with the plugin's RGB reader."""
 
 __all__ = ["ZSADDemo"]
 
@@ -70,6 +77,11 @@ class ZSADDemo(MVTecAD):
             "image_size": image_size,
             "categories": tuple(categories) if categories else DEFAULT_CATEGORIES,
         }
+
+    def _setup(self, _stage: str | None = None) -> None:
+        """As :meth:`MVTecAD._setup`, with datasets that read through :func:`read_image_rgb`."""
+        self.train_data = RGBMVTecADDataset(split=Split.TRAIN, root=self.root, category=self.category)
+        self.test_data = RGBMVTecADDataset(split=Split.TEST, root=self.root, category=self.category)
 
     def prepare_data(self) -> None:
         """Generate the demo set unless ``root`` already holds a complete one (never downloads).

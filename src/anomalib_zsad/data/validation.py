@@ -7,8 +7,10 @@ pandas length error, a silently misaligned mask or a worker crash that does not 
 file. These functions find such problems before training and raise :class:`DatasetError`
 naming the file and the fix. They import no anomalib, so they are cheap to call.
 
-Header checks (sizes, readability of the header) are fast enough for full MVTec AD / VisA;
-``decode=True`` additionally decodes every pixel to catch truncated files (slower).
+Header checks open *every* image and mask with Pillow without decoding its pixels (sizes, a
+readable header: catches zero-byte, non-image and decompression-bomb files); they cost about
+0.1 ms per file (``benchmarks/validate_headers.py``), so they are run by default.
+``decode=True`` additionally decodes every pixel to catch truncated or corrupt files (slower).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from anomalib_zsad.data.errors import DatasetError
-from anomalib_zsad.data.image_io import load_rgb_array, read_mask_binary
+from anomalib_zsad.data.errors import CorruptFileError, DatasetError
+from anomalib_zsad.data.image_io import bomb_message, load_rgb_array, read_mask_binary
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIX = "_mask"
@@ -79,9 +81,11 @@ def image_size(path: str | Path, decode: bool = False, is_mask: bool = False) ->
     try:
         with Image.open(path) as image:
             return image.size
+    except Image.DecompressionBombError as error:
+        raise DatasetError(bomb_message(path, "mask" if is_mask else "image", error)) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         msg = f"Cannot read '{path}': {error}. The file is corrupt or not an image; re-export or delete it."
-        raise DatasetError(msg) from error
+        raise CorruptFileError(msg) from error
 
 
 def _check_pair(image_path: Path, mask_path: Path, decode: bool) -> None:
@@ -167,11 +171,10 @@ def validate_mvtec_category(category_root: str | Path, decode: bool = False) -> 
                 raise DatasetError(msg)
     for image, mask in masks_by_image.items():
         _check_pair(image, mask, decode)
-    if decode:
-        for paths in test_images.values():
-            for path in paths:
-                if path not in masks_by_image:
-                    image_size(path, decode=True)
+    for paths in test_images.values():  # every other image too (good ones included): header or pixels
+        for path in paths:
+            if path not in masks_by_image:
+                image_size(path, decode=decode)
     return FolderSummary(
         root=root,
         layout="mvtec_category",
@@ -227,8 +230,13 @@ def validate_samples(
     labels: Iterable[int],
     source: str,
     decode: bool = False,
+    check_files: bool = True,
 ) -> bool:
-    """Check image/mask pairs of an already indexed data set (any anomalib datamodule).
+    """Check the images and image/mask pairs of an already indexed data set (any anomalib datamodule).
+
+    Every image's header is read (``decode=True``: its pixels too), normal images included, so a
+    zero-byte or non-image file fails here rather than mid-epoch. ``check_files=False`` skips the
+    file checks (the caller has made them) and only checks that masks are all there or all absent.
 
     Returns True when every anomalous sample (label 1) has a mask, False when none has one.
     Raises :class:`DatasetError` when only some have masks, a file is unreadable/missing, or a
@@ -239,10 +247,12 @@ def validate_samples(
         has_mask = isinstance(mask, str | Path) and str(mask) not in {"", "nan", "None"}
         if int(label) == 1:
             (with_mask if has_mask else without_mask).append(Path(image))
+        if not check_files:
+            continue
         if has_mask and int(label) == 1:
             _check_pair(Path(image), Path(mask), decode)
-        elif decode:
-            image_size(image, decode=True)
+        else:
+            image_size(image, decode=decode)
     if with_mask and without_mask:
         msg = (
             f"{source}: {len(without_mask)} anomalous image(s) have no mask (e.g. '{without_mask[0]}') while "
