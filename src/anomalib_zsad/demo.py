@@ -184,8 +184,8 @@ def draw_heatmaps(outputs: CollectedOutputs, path: Path, *, title: str, banner: 
     banner_lines = textwrap.wrap(banner, int((width - 0.6) / 0.125)) if banner else []
     # Heights in inches: the title, the banner, then the rows of panels.
     row_height = 2.35
-    title_height = 0.22 * len(title_lines) + 0.25
-    banner_height = 0.3 * len(banner_lines) + 0.35 if banner else 0.0
+    title_height = 0.22 * len(title_lines) + 0.35
+    banner_height = 0.3 * len(banner_lines) + 0.55 if banner else 0.0
     height = title_height + banner_height + row_height * len(rows) + 0.1
     figure = plt.figure(figsize=(width, height))
     grid = figure.add_gridspec(len(rows), columns + 1, width_ratios=[1] * columns + [0.12],
@@ -239,7 +239,7 @@ def draw_heatmaps(outputs: CollectedOutputs, path: Path, *, title: str, banner: 
     bar.set_label(label, fontsize=9)
     figure.suptitle("\n".join(title_lines), fontsize=11, y=1 - 0.1 / height, va="top")
     if banner:
-        figure.text(0.5, 1 - (title_height + banner_height / 2 - 0.05) / height, "\n".join(banner_lines),
+        figure.text(0.5, 1 - (title_height + 0.15 * len(banner_lines) + 0.1) / height, "\n".join(banner_lines),
                     ha="center", va="center", multialignment="center",
                     fontsize=14, fontweight="bold", color="white", gid="banner",
                     bbox={"facecolor": "red", "edgecolor": "darkred", "boxstyle": "round,pad=0.4"})
@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{MODEL_NAME} ({args.backbone} / {weights_description(args)}, {args.image_size} px), prompts learnt on "
           f"{', '.join(args.train_categories)}; zero-shot on the others (%):\n")
     print(markdown_table(rows))
+    if random_weights(args):
+        print(f"\n*** {RANDOM_WEIGHTS_BANNER} ***")
     print(f"\nwritten: {args.output / 'results.md'}, {args.output / 'results.csv'}"
           + (f", {args.output / 'heatmaps.png'}" if args.heatmaps > 0 else ""))
     print("anomalib's per-image visualisations: "
