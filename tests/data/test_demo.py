@@ -290,3 +290,13 @@ def test_read_only_target_is_one_line_error() -> None:
     finally:
         parent.chmod(0o755)
         shutil.rmtree(parent)
+
+
+def test_a_set_left_aside_by_a_killed_overwrite_is_put_back(demo_root: Path, tmp_path: Path) -> None:
+    """kill -9 between moving the old set aside and renaming the new one in: the old set comes back."""
+    aside = tmp_path / ".zsad_demo.old-999999999"  # above any pid_max: its writer is surely gone
+    shutil.copytree(demo_root, aside)
+    before = _digest(aside)
+    root = make_demo_dataset(tmp_path / "zsad_demo", seed=0, categories=("brick", "grass", "coffee"), **TINY)
+    assert not aside.exists() and _digest(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zsad_demo"]

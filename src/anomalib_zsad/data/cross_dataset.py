@@ -64,7 +64,8 @@ class CrossDataset(AnomalibDataModule):
         validate: check files up front and raise :class:`DatasetError` naming the file: every image's
             and mask's header (zero-byte, non-image, decompression-bomb files), mask/image sizes,
             stray or missing masks. Cheap: Pillow opens each file without decoding its pixels
-            (about 0.1 ms per file, see ``docs/data.md``); corrupt pixel data is caught when read.
+            (a fraction of a millisecond per file, figures in ``docs/data.md``); corrupt pixel data
+            is caught when the image is read.
         seed: seed of the training batch order (``None``: random).
 
     Batches carry ``image``, ``gt_label`` and ``gt_mask`` (0/1, image size). For a source without

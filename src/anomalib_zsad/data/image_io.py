@@ -129,6 +129,17 @@ _CAPTURE_LOCK = threading.Lock()
 _capture_file: tuple[int, object] | None = None  # (pid, file): one per process (DataLoader workers fork)
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (DataLoader worker) gets its own lock and file: the parent's may be mid-use."""
+    global _CAPTURE_LOCK, _capture_file  # noqa: PLW0603
+    _CAPTURE_LOCK = threading.Lock()
+    _capture_file = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _capture_sink():  # noqa: ANN202
     global _capture_file  # noqa: PLW0603
     if _capture_file is None or _capture_file[0] != os.getpid():

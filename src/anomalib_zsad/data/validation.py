@@ -8,8 +8,9 @@ file. These functions find such problems before training and raise :class:`Datas
 naming the file and the fix. They import no anomalib, so they are cheap to call.
 
 Header checks open *every* image and mask with Pillow without decoding its pixels (sizes, a
-readable header: catches zero-byte, non-image and decompression-bomb files); they cost about
-0.1 ms per file (``benchmarks/validate_headers.py``), so they are run by default.
+readable header: catches zero-byte, non-image and decompression-bomb files); they cost a fraction
+of a millisecond per file (``benchmarks/validate_headers.py``, figures in ``docs/data.md``), so
+``CrossDataset`` runs them by default.
 ``decode=True`` additionally decodes every pixel to catch truncated or corrupt files (slower).
 """
 
@@ -147,10 +148,14 @@ def validate_mvtec_category(category_root: str | Path, decode: bool = False) -> 
     gt_dir = root / "ground_truth"
     masks = list_images(gt_dir, recursive=True) if gt_dir.is_dir() else []
     masks_by_image: dict[Path, Path] = {}
+    by_stem: dict[tuple[str, str], list[Path]] = {}  # (defect, stem) -> images: linear, not images x masks
+    for defect, paths in test_images.items():
+        for path in paths:
+            by_stem.setdefault((defect, path.stem), []).append(path)
     for mask in masks:
         defect = mask.parent.name
         stem = _mask_image_stem(mask)
-        candidates = [p for p in test_images.get(defect, []) if p.stem == stem]
+        candidates = by_stem.get((defect, stem), [])
         if not candidates:
             msg = (
                 f"Mask '{mask}' has no image: expected '{test_dir / defect / stem}.<ext>'. "
