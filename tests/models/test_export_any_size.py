@@ -20,7 +20,12 @@ from PIL import Image
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_zsad.models import AnomalyCLIP
-from anomalib_zsad.models.components.export import ExportResize, fixed_resize_size, with_export_resize
+from anomalib_zsad.models.components.display import ZeroShotVisualizer
+from anomalib_zsad.models.components.export import (
+    ExportResize,
+    fixed_resize_size,
+    with_export_resize,
+)
 
 MODEL_SIZE = 64
 SIZES = [(64, 64), (80, 96), (120, 90)]  # (height, width): the model size, larger, one side smaller
@@ -87,6 +92,9 @@ def test_openvino_inferencer_predicts_an_image_file_of_another_size(exported, tm
     np.testing.assert_allclose(np.asarray(result.pred_score).reshape(1), expected.pred_score.numpy(), atol=TOLERANCE)
     np.testing.assert_allclose(np.asarray(result.anomaly_map).reshape(1, MODEL_SIZE, MODEL_SIZE),
                                expected.anomaly_map.numpy(), atol=TOLERANCE)
+    # and it draws (docs/deployment.md, Pictures): image and map of different sizes, map on a fixed scale
+    picture = ZeroShotVisualizer(map_min=0.0, map_max=4.0, threshold=2.0).visualize(result)
+    assert picture is not None and picture.size[1] > 0
 
 
 @pytest.mark.slow
