@@ -73,8 +73,23 @@ def test_cli_train_then_test_with_checkpoint(demo_root: Path, tmp_path: Path) ->
               "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path / "results")]
     trained = run("anomalib", "train", *common, "--trainer.max_epochs", "1", "--logging.log_graph", "false")
     assert trained.returncode == 0, trained.stderr[-4000:]
-    checkpoints = sorted((tmp_path / "results").rglob("*.ckpt"))
+    results = tmp_path / "results"
+    checkpoints = sorted(results.rglob("*.ckpt"))
     assert checkpoints, trained.stdout[-2000:]
+    # the run is named after the target datamodule, as anomalib names its own runs (issue 13)
+    assert all(c.relative_to(results).parts[:3] == ("AnomalyCLIP", "MVTecAD", "coffee") for c in checkpoints)
     tested = run("anomalib", "test", *common, "--ckpt_path", str(checkpoints[-1]))
     assert tested.returncode == 0, tested.stderr[-4000:]
     assert "pixel_AUPRO" in tested.stdout + tested.stderr
+    # `anomalib test` on the target itself writes into the same tree, with the same image layout
+    own = ["--model", "AnomalyCLIP", "--model.backbone", "zsad-tiny", "--model.pretrained", "null",
+           "--model.image_size", "64", "--data", "MVTecAD", "--data.root", str(demo_root),
+           "--data.category", "coffee", "--data.eval_batch_size", "4", "--data.num_workers", "0",
+           "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path / "own")]
+    tested_own = run("anomalib", "test", *own, "--ckpt_path", str(checkpoints[-1]))
+    assert tested_own.returncode == 0, tested_own.stderr[-4000:]
+
+    def images(root: Path) -> set[tuple[str, ...]]:
+        return {p.relative_to(root).parts[:3] + p.relative_to(root).parts[4:] for p in root.rglob("images/**/*.png")}
+
+    assert images(results) == images(tmp_path / "own") != set()
