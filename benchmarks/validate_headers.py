@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, float]]:
 
             rows.append(("CrossDataset.setup(validate=False)", files, best_of(args.repeats, lambda: setup(False))))
             rows.append(("CrossDataset.setup(validate=True)", files, best_of(args.repeats, lambda: setup(True))))
-        print(f"\n| check | files | seconds | us / file |\n|---|---:|---:|---:|")  # noqa: T201
+        print("\n| check | files | seconds | us / file |\n|---|---:|---:|---:|")  # noqa: T201
         for name, files, seconds in rows:
             print(f"| {name} | {files} | {seconds:.2f} | {seconds / files * 1e6:.0f} |")  # noqa: T201
         return rows

@@ -101,7 +101,7 @@ def test_install_patches_anomalib_readers_and_uninstall_restores_them() -> None:
     import anomalib.data.predict as predict_module
     import anomalib.data.utils as data_utils
     import anomalib.data.utils.image as image_module
-    import anomalib.visualization.image.item_visualizer as item_visualizer
+    from anomalib.visualization.image import item_visualizer
     from PIL import Image as pil_image
 
     original = image_module.read_image
