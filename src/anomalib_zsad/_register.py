@@ -14,6 +14,9 @@ zero-shot models, see ``docs/benchmark.md``) replaces anomalib's in its registry
   of importable modules (``ALLOWED_MODULES``), to which the plugin's package is added;
 * ``anomalib benchmark`` runs zero-shot, few-shot, auxiliary-trained and full-shot models.
 
+Nothing else of anomalib is changed: no function is rebound (the plugin's datamodules read images
+with their own reader; ``anomalib_zsad.data.install_rgb_image_reader()`` is an explicit opt-in).
+
 Eager import from the ``.pth`` would cost seconds on every Python start (torch, anomalib); this
 costs nothing until anomalib itself is used. Set ``ANOMALIB_ZSAD_NO_AUTOLOAD=1`` to switch it off.
 """
