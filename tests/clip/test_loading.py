@@ -139,3 +139,82 @@ def test_errors_list_only_names_this_layer_loads(tmp_path: Path, monkeypatch: py
     assert list(tmp_path.iterdir()) == []
     tiny = load_clip("ViT-S-32", None)  # a listed open_clip name really loads
     assert tiny.arch.vision_width == 384
+
+
+def open_clip_meta_model(name: str):  # noqa: ANN201
+    """open_clip's own CLIP for ``name``, built on the meta device (shapes only, no memory, no weights)."""
+    import open_clip  # noqa: PLC0415
+
+    with torch.device("meta"):
+        return open_clip.model.CLIP(**open_clip.get_model_config(name))
+
+
+@pytest.mark.parametrize("name", ["ViT-H-14", "ViT-H-16", "ViT-g-14", "ViT-bigG-14", "ViT-e-14", "ViT-L-14-336"])
+def test_weights_of_a_named_architecture_get_its_heads(name: str) -> None:
+    """Weights loaded by tag (or a file for a named architecture) run with the heads open_clip builds
+    for that name: ViT-H-14's vision heads are 80 channels wide (16 heads, not 20), ViT-g-14's 88,
+    ViT-bigG-14's 104, ViT-e-14's 112. Checked on open_clip's own module, built without weights."""
+    from anomalib_zsad.clip.loading import architecture_of_weights  # noqa: PLC0415
+
+    reference = open_clip_meta_model(name)
+    expected = (reference.visual.transformer.resblocks[0].attn.num_heads, reference.transformer.resblocks[0].attn.num_heads)
+    arch = architecture_of_weights(reference.state_dict(), name, activation="gelu")
+    assert (arch.vision_heads, arch.text_heads) == expected
+    assert arch.vision_mlp_width == reference.visual.transformer.resblocks[0].mlp.c_fc.out_features
+    with torch.device("meta"):  # our module built from it has the same heads in every block
+        ours = ClipModel(arch)
+    assert {block.attn.heads for block in ours.visual.blocks} == {expected[0]}
+    assert {block.attn.heads for block in ours.text.blocks} == {expected[1]}
+    from anomalib_zsad.clip import named_architecture  # noqa: PLC0415
+
+    assert named_architecture(name).vision_heads == expected[0]  # random weights of the name: the same
+
+
+def test_a_head_width_that_contradicts_the_named_architecture_is_refused() -> None:
+    from anomalib_zsad.clip.loading import architecture_of_weights  # noqa: PLC0415
+
+    state = open_clip_meta_model("ViT-H-14").state_dict()
+    with pytest.raises(ValueError, match="head_width=64 gives 20 vision heads, but 'ViT-H-14' has 16 of 80 channels"):
+        architecture_of_weights(state, "ViT-H-14", head_width=64)
+    given = architecture_of_weights(state, "ViT-H-14", head_width=80)  # agrees: the config's heads, both towers
+    assert (given.vision_heads, given.text_heads) == (16, 16)
+    with pytest.raises(ValueError, match="Leave head_width unset"):
+        load_clip("ViT-H-14", None, head_width=64)
+    # weights of no named shape (the parity sets' narrow CLIP under a ViT-L name): head_width decides
+    narrow = {k: v for k, v in open_clip_meta_model("ViT-B-32").state_dict().items()}
+    assert architecture_of_weights(narrow, "ViT-L-14-336", head_width=32).vision_heads == 768 // 32
+
+
+def test_release_loaded_by_tag_matches_open_clip_with_its_head_width(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end through the tag path: a registered open_clip config with 32-channel heads, its
+    "release" in the cache. The loaded CLIP has the config's heads and computes what open_clip's own
+    model computes with the same weights (with 64-channel heads it would not)."""
+    import open_clip  # noqa: PLC0415
+
+    name = "ViT-zsad-test-hw32"
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 32,
+                                              "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, config)  # noqa: SLF001
+    monkeypatch.setattr(open_clip.pretrained, "get_pretrained_cfg",
+                        lambda model, tag: {"url": "https://example.invalid/hw32-release.bin"})
+    monkeypatch.setenv("ZSAD_OFFLINE", "1")
+    torch.manual_seed(0)
+    reference = open_clip.model.CLIP(**config).eval()
+    with torch.no_grad():  # non-trivial biases and norms, so that a wrong head split shows
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    torch.save(reference.state_dict(), tmp_path / "hw32-release.bin")
+
+    loaded = load_clip(name, "some-tag", cache_dir=tmp_path)
+    assert (loaded.arch.vision_heads, loaded.arch.text_heads) == (4, 2)
+    assert loaded.arch.activation == "gelu"  # not an OpenAI release: GELU, as open_clip builds this config
+    images = torch.randn(2, 3, 64, 64)
+    ids = torch.tensor([[49406, 320, 1125, 49407] + [0] * 73])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded.encode_text(ids), reference.encode_text(ids), atol=1e-5, rtol=1e-5)
+        wrong = load_clip("anything", tmp_path / "hw32-release.bin", activation="gelu")  # no name: 64-wide heads
+        assert wrong.arch.vision_heads == 2
+        assert not torch.allclose(wrong.encode_image(images), reference.encode_image(images), atol=1e-3)

@@ -33,6 +33,37 @@ EXTRA_ARCHITECTURES: dict[str, dict] = {
 }
 
 
+# open_clip config options that change the network beyond what :class:`ClipArchitecture` holds
+# (CLIPA's pooling and missing ln_pre, MetaCLIP-2's Hugging Face tokenizers, layer scale, timm or
+# Hugging Face towers, SigLIP's logit bias): this CLIP layer does not implement them, so such
+# configs are refused rather than built wrong (or their weights downloaded for nothing).
+_UNSUPPORTED_OPTIONS = {
+    "vision_cfg": ("timm_model_name", "no_ln_pre", "final_ln_after_pool", "ls_init_value", "attentional_pool",
+                   "attn_pooler_queries", "output_tokens", "act_kwargs", "norm_kwargs"),
+    "text_cfg": ("hf_model_name", "hf_tokenizer_name", "tokenizer_kwargs", "no_causal_mask", "eos_id",
+                 "ls_init_value", "embed_cls", "pad_id", "output_tokens", "act_kwargs", "norm_kwargs",
+                 "proj_bias"),
+}
+_SUPPORTED_POOLING = {"vision_cfg": {"tok"}, "text_cfg": {"argmax"}}
+
+
+def unsupported_options(config: Mapping) -> list[str]:
+    """The options of an open_clip model config that this CLIP layer does not implement (empty: it builds)."""
+    found = []
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = config.get(tower, {})
+        if isinstance(cfg.get("layers"), (list, tuple)):
+            found.append(f"{tower}.layers (ResNet tower)")
+        found += [f"{tower}.{key}" for key in cfg if cfg[key] not in (None, False)
+                  and (key in _UNSUPPORTED_OPTIONS[tower] or key.startswith(("timm_", "hf_")))]
+        if cfg.get("pool_type", next(iter(_SUPPORTED_POOLING[tower]))) not in _SUPPORTED_POOLING[tower]:
+            found.append(f"{tower}.pool_type={cfg['pool_type']!r}")
+        if cfg.get("proj_type", "linear") not in (None, "linear"):
+            found.append(f"{tower}.proj_type={cfg['proj_type']!r}")
+    found += [key for key in ("custom_text", "multimodal_cfg", "init_logit_bias") if config.get(key) not in (None, False)]
+    return found
+
+
 @dataclass(frozen=True)
 class ClipArchitecture:
     """Shape of a CLIP ViT. ``activation`` is ``"quick_gelu"`` (OpenAI weights) or ``"gelu"``."""
@@ -67,13 +98,29 @@ class ClipArchitecture:
 
     @classmethod
     def from_config(cls, config: Mapping, head_width: int = 64) -> ClipArchitecture:
-        """From an open_clip JSON model config (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
-        vision, text = config["vision_cfg"], config["text_cfg"]
-        if isinstance(vision.get("layers"), (list, tuple)) or "timm_model_name" in vision:
-            msg = "only ViT vision towers are supported (ResNet and timm towers are not)"
+        """From an open_clip JSON model config (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+
+        The heads are the config's, as open_clip builds them: ``vision_cfg.width //
+        vision_cfg.head_width`` and ``text_cfg.heads`` (ViT-H-14: 80-channel vision heads,
+        ViT-bigG-14: 104). ``head_width`` is the fallback where the config names neither (this
+        package's small architectures; every open_clip CLIP ViT config gives the text heads).
+
+        Raises:
+            ValueError: for a config this CLIP layer would build wrong (ResNet, timm or Hugging Face
+                towers, CLIPA's pooling, layer scale, SigLIP's logit bias, ...), naming the options.
+        """
+        if unsupported := unsupported_options(config):
+            msg = (f"this CLIP layer cannot build this open_clip config: options {', '.join(unsupported)} are "
+                   "not implemented (it builds CLIP ViTs only: SigLIP/ViTamin/ConvNeXt timm towers, CLIPA, "
+                   "MetaCLIP-2 tokenizers, layer scale and Hugging Face text towers are not)")
             raise ValueError(msg)
+        vision, text = config["vision_cfg"], config["text_cfg"]
         vision_width = vision["width"]
         text_width = text["width"]
+        vision_head_width = vision.get("head_width", head_width)
+        if vision_width % vision_head_width:
+            msg = f"vision width {vision_width} is not a multiple of the head width {vision_head_width}"
+            raise ValueError(msg)
         mlp_ratio = vision.get("mlp_ratio", 4.0)
         return cls(
             embed_dim=config["embed_dim"],
@@ -81,7 +128,7 @@ class ClipArchitecture:
             patch_size=vision["patch_size"],
             vision_width=vision_width,
             vision_layers=vision["layers"],
-            vision_heads=max(1, vision_width // vision.get("head_width", head_width)),
+            vision_heads=max(1, vision_width // vision_head_width),
             vision_mlp_width=int(vision_width * mlp_ratio),
             text_width=text_width,
             text_layers=text["layers"],
@@ -91,6 +138,17 @@ class ClipArchitecture:
             vocab_size=text.get("vocab_size", 49408),
             activation="quick_gelu" if config.get("quick_gelu", False) else "gelu",
         )
+
+    def same_shape(self, other: ClipArchitecture) -> bool:
+        """Whether two architectures have the same weights' shapes (heads and activation aside:
+        a state dict does not tell them)."""
+        ignored = {"vision_heads", "text_heads", "activation"}
+        mine, theirs = self.as_dict(), other.as_dict()
+        return all(mine[key] == theirs[key] for key in mine if key not in ignored)
+
+    def with_heads_of(self, other: ClipArchitecture) -> ClipArchitecture:
+        """This architecture with ``other``'s head counts (for weights of a named configuration)."""
+        return replace(self, vision_heads=other.vision_heads, text_heads=other.text_heads)
 
     @classmethod
     def from_state_dict(
@@ -138,17 +196,32 @@ class ClipArchitecture:
 
 
 def named_architecture(name: str, head_width: int = 64) -> ClipArchitecture:
-    """An architecture by name: this package's extras first, then open_clip's registry."""
+    """An architecture by name: this package's extras first, then open_clip's registry.
+
+    ``head_width`` sets the heads of this package's small architectures; open_clip's are built
+    with the heads of their config, exactly as open_clip builds them.
+
+    Raises:
+        ValueError: for an unknown name (the error lists every name this CLIP layer builds) or an
+            open_clip configuration it would build wrong (SigLIP, CLIPA, ...; see ``from_config``).
+    """
     if name in EXTRA_ARCHITECTURES:
         return ClipArchitecture.from_config(EXTRA_ARCHITECTURES[name], head_width)
     import open_clip  # noqa: PLC0415  (slow import, only when a real name is asked for)
 
     config = open_clip.get_model_config(name)
     if config is None:
-        known = sorted(EXTRA_ARCHITECTURES) + [n for n in open_clip.list_models() if n.startswith("ViT")]
-        msg = f"unknown CLIP architecture {name!r}. Known ViT names: {', '.join(known)}"
+        from .loading import loadable_architecture_names  # noqa: PLC0415  (loading imports this module)
+
+        msg = f"unknown CLIP architecture {name!r}. Known ViT names: {', '.join(loadable_architecture_names())}"
         raise ValueError(msg)
-    arch = ClipArchitecture.from_config(config, head_width)
+    try:  # open_clip's own default head width (64) where its config names none, as open_clip builds it
+        arch = ClipArchitecture.from_config(config)
+    except ValueError as error:
+        from .loading import loadable_architecture_names  # noqa: PLC0415
+
+        msg = f"CLIP architecture {name!r}: {error}. Known ViT names: {', '.join(loadable_architecture_names())}"
+        raise ValueError(msg) from None
     if name.endswith("-quickgelu"):
         arch = arch.with_activation("quick_gelu")
     return arch

@@ -25,7 +25,12 @@ from urllib.parse import urlparse
 
 import torch
 
-from .architecture import EXTRA_ARCHITECTURES, ClipArchitecture, named_architecture
+from .architecture import (
+    EXTRA_ARCHITECTURES,
+    ClipArchitecture,
+    named_architecture,
+    unsupported_options,
+)
 from .model import ClipModel
 
 RANDOM_TAGS = (None, "", "random", "none")
@@ -101,33 +106,6 @@ def _offline_message(model_name: str, tag: str, cfg: Mapping, cache_dir: Path, r
     return "\n".join(lines)
 
 
-# open_clip config options that change the network beyond what :class:`ClipArchitecture` holds
-# (CLIPA's pooling and missing ln_pre, MetaCLIP-2's Hugging Face tokenizers, layer scale, timm or
-# Hugging Face towers): this CLIP layer does not implement them, so such names are refused up front
-# rather than built wrong or downloaded for nothing.
-_UNSUPPORTED_OPTIONS = {
-    "vision_cfg": ("timm_model_name", "no_ln_pre", "final_ln_after_pool", "ls_init_value", "attentional_pool",
-                   "attn_pooler_queries", "output_tokens", "act_kwargs", "norm_kwargs"),
-    "text_cfg": ("hf_model_name", "hf_tokenizer_name", "tokenizer_kwargs", "no_causal_mask", "eos_id",
-                 "ls_init_value", "embed_cls", "pad_id", "output_tokens", "act_kwargs", "norm_kwargs"),
-}
-_SUPPORTED_POOLING = {"vision_cfg": {"tok"}, "text_cfg": {"argmax"}}
-
-
-def unsupported_options(config: Mapping) -> list[str]:
-    """The options of an open_clip model config that this CLIP layer does not implement (empty: it loads)."""
-    found = []
-    for tower in ("vision_cfg", "text_cfg"):
-        cfg = config.get(tower, {})
-        if isinstance(cfg.get("layers"), (list, tuple)):
-            found.append(f"{tower}.layers (ResNet tower)")
-        found += [f"{tower}.{key}" for key in _UNSUPPORTED_OPTIONS[tower] if cfg.get(key) not in (None, False)]
-        if cfg.get("pool_type", next(iter(_SUPPORTED_POOLING[tower]))) not in _SUPPORTED_POOLING[tower]:
-            found.append(f"{tower}.pool_type={cfg['pool_type']!r}")
-    found += [key for key in ("custom_text", "multimodal_cfg") if config.get(key)]
-    return found
-
-
 def loadable_architecture_names() -> list[str]:
     """Every architecture name :func:`load_clip` builds: this package's small ones, then open_clip's
     CLIP ViTs (SigLIP, ViTamin, CLIPA, MetaCLIP-2 and other non-CLIP towers left out)."""
@@ -154,6 +132,52 @@ def _check_architecture_name(model_name: str) -> None:
                f"{', '.join(unsupported)} are not implemented: SigLIP/timm towers, CLIPA, MetaCLIP-2 "
                f"tokenizers and the like are not CLIP ViTs here). {known}")
         raise ValueError(msg)
+
+
+def _open_clip_architecture(model_name: str) -> ClipArchitecture | None:
+    """The open_clip architecture a name stands for, or None where it names none this CLIP layer builds."""
+    import open_clip  # noqa: PLC0415
+
+    config = open_clip.get_model_config(model_name)
+    if config is None or unsupported_options(config):
+        return None
+    return named_architecture(model_name)
+
+
+def _check_head_width(arch: ClipArchitecture, named: ClipArchitecture, model_name: str, head_width: int) -> None:
+    """An explicit ``head_width`` must give the named architecture's vision heads (its text heads come
+    from its config in any case: ``text_cfg.heads``)."""
+    if arch.vision_width % head_width or arch.vision_width // head_width != named.vision_heads:
+        msg = (f"head_width={head_width} gives {arch.vision_width / head_width:g} vision heads, but {model_name!r} "
+               f"has {named.vision_heads} of {named.vision_width // named.vision_heads} channels (its open_clip "
+               "config): weights of that architecture compute wrong outputs with other heads. Leave head_width unset.")
+        raise ValueError(msg)
+
+
+def architecture_of_weights(
+    state_dict: Mapping[str, torch.Tensor],
+    model_name: str,
+    head_width: int | None = None,
+    activation: str = "quick_gelu",
+) -> ClipArchitecture:
+    """The architecture that runs a CLIP state dict (OpenAI/open_clip keys).
+
+    Weights do not tell the number of heads. Where they have the shape of the named architecture
+    (an open_clip name, or one of this package's with ``head_width``), its heads are used, as open_clip builds it
+    (ViT-H-14: 16 vision heads of 80 channels, not 20 of 64; ViT-bigG-14: 16 of 104); otherwise
+    ``head_width`` (unset: CLIP's 64) decides. A ``head_width`` that contradicts the named
+    architecture is refused: those weights would load and compute wrong outputs.
+    """
+    arch = ClipArchitecture.from_state_dict(state_dict, head_width or 64, activation)
+    if model_name in EXTRA_ARCHITECTURES:  # this package's small ones: head_width sets the vision heads
+        named = named_architecture(model_name, head_width or 64)
+        return arch.with_heads_of(named) if named.same_shape(arch) else arch
+    named = _open_clip_architecture(model_name)
+    if named is None or not named.same_shape(arch):
+        return arch
+    if head_width is not None:
+        _check_head_width(arch, named, model_name, head_width)
+    return arch.with_heads_of(named)
 
 
 def _cached_hub_file(repo: str) -> Path | None:
@@ -221,7 +245,7 @@ def load_clip(
     pretrained: str | os.PathLike | None = "openai",
     *,
     activation: str = "auto",
-    head_width: int = 64,
+    head_width: int | None = None,
     pos_embed_mode: str = "bicubic_antialias",
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -235,14 +259,20 @@ def load_clip(
         pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b88k``, ...), a checkpoint path,
             or None for random weights.
         activation: ``auto`` (follow the weights: QuickGELU for OpenAI's), ``quick_gelu`` or ``gelu``.
-        head_width: channels per attention head (heads = width // head_width; 64 in CLIP).
+        head_width: channels per attention head (heads = width // head_width). Unset (None), the
+            heads of the named architecture's config where the weights have its shape (as open_clip
+            builds it: 80-channel vision heads for ViT-H-14, 104 for ViT-bigG-14), else CLIP's 64.
+            Set it only for weights of no named shape (a narrow test CLIP); for weights of a
+            named architecture it must agree with that architecture.
         pos_embed_mode: how position embeddings are resized to other input sizes.
         cache_dir: where downloaded weights live (default :func:`default_cache_dir`).
         seed: the seed of random weights.
     """
     if pretrained in RANDOM_TAGS or str(pretrained).lower() in {"random", "none"}:
         _check_architecture_name(model_name)
-        arch = named_architecture(model_name, head_width)
+        arch = named_architecture(model_name, head_width or 64)
+        if head_width is not None and model_name not in EXTRA_ARCHITECTURES:
+            _check_head_width(arch, arch, model_name, head_width)
         if activation != "auto":
             arch = arch.with_activation(activation)
         model = ClipModel(arch, pos_embed_mode)
@@ -265,7 +295,7 @@ def load_clip(
     state_dict, openai_format = read_clip_state_dict(path)
     if activation == "auto":
         activation = "quick_gelu" if (quick_gelu or openai_format or model_name.endswith("-quickgelu")) else "gelu"
-    arch = ClipArchitecture.from_state_dict(state_dict, head_width, activation)
+    arch = architecture_of_weights(state_dict, model_name, head_width, activation)
     model = ClipModel(arch, pos_embed_mode)
     model.load_openai_state_dict(state_dict)
     return model.eval()
