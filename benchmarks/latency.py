@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
-    image = torch.load(work / "input.pt")
+    image = torch.load(work / "input.pt", weights_only=True)
     result: dict = {"backend": args.worker}
     if args.worker in {"torch", "torch-cuda"}:
         device = "cuda" if args.worker == "torch-cuda" else "cpu"
@@ -90,7 +90,7 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
 
         xml = work / ("model-int8.xml" if args.worker == "openvino-int8" else "openvino/weights/openvino/model.xml")
         compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": args.threads})
-        raw = torch.load(work / "input-raw.pt").numpy()
+        raw = torch.load(work / "input-raw.pt", weights_only=True).numpy()
         result["times"] = time_calls(compiled, raw, args.runs)
         outputs = compiled(raw)
         named = {port.get_any_name(): value for port, value in outputs.items()}
@@ -137,7 +137,7 @@ def official_worker(args: argparse.Namespace, work: Path, image) -> dict:  # noq
     model, _ = AnomalyCLIP_lib.load(str(work / "clip-torchscript.pt"), device="cpu", design_details=details)
     model.eval()
     learner = AnomalyCLIP_PromptLearner(model.to("cpu"), details)
-    learner.load_state_dict(torch.load(work / "prompts.pt"), strict=False)
+    learner.load_state_dict(torch.load(work / "prompts.pt", weights_only=True), strict=False)
     model.visual.DAPM_replace(DPAM_layer=20)
     layers = list(json.loads((work / "layers.json").read_text()))
     with torch.no_grad():
@@ -247,7 +247,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict | No
 def report(results: list[dict], work: Path) -> str:
     import torch  # noqa: PLC0415
 
-    reference = torch.load(work / "out-torch.pt") if (work / "out-torch.pt").exists() else None
+    reference = torch.load(work / "out-torch.pt", weights_only=True) if (work / "out-torch.pt").exists() else None
     official = next((r for r in results if r["backend"] == "official"), None)
     lines = ["| backend | min s | median s | max s | peak MiB | speed-up vs official | max diff score / map vs torch |",
              "|---|---|---|---|---|---|---|"]
@@ -257,7 +257,7 @@ def report(results: list[dict], work: Path) -> str:
         diff = "-"
         out = work / f"out-{r['backend']}.pt"
         if reference is not None and out.exists():
-            other = torch.load(out)
+            other = torch.load(out, weights_only=True)
             diff = (f"{(other['score'] - reference['score']).abs().max():.1e} / "
                     f"{(other['map'] - reference['map']).abs().max():.1e}")
         lines.append(f"| {r['backend']} | {min(r['times']):.3g} | {median:.3g} | {max(r['times']):.3g} | "

@@ -28,31 +28,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib.engine import Engine
-from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 from anomalib.models import AnomalibModule
 
+from anomalib_zsad.models.components.lightning import PAPER_METRIC_FIELDS as PAPER_METRICS
+from anomalib_zsad.models.components.lightning import paper_evaluator
+
 logger = logging.getLogger(__name__)
-
-#: Result column -> (metric class, batch fields). Column names are the metric names anomalib logs.
-PAPER_METRICS: dict[str, tuple[type, list[str]]] = {
-    "image_AUROC": (AUROC, ["pred_score", "gt_label"]),
-    "image_AUPR": (AUPR, ["pred_score", "gt_label"]),
-    "image_F1Max": (F1Max, ["pred_score", "gt_label"]),
-    "pixel_AUROC": (AUROC, ["anomaly_map", "gt_mask"]),
-    "pixel_AUPRO": (AUPRO, ["anomaly_map", "gt_mask"]),
-    "pixel_F1Max": (F1Max, ["anomaly_map", "gt_mask"]),
-}
-
-
-def paper_evaluator() -> Evaluator:
-    """Image AUROC / AP / F1-max and pixel AUROC / AUPRO / F1-max on the test split."""
-    metrics = []
-    for column, (metric_cls, fields) in PAPER_METRICS.items():
-        prefix = column.split("_", 1)[0] + "_"
-        # pixel metrics are skipped (strict=False) for models that output no anomaly map
-        metrics.append(metric_cls(fields=fields, prefix=prefix, strict=prefix == "image_"))
-    return Evaluator(test_metrics=metrics)
-
 
 def use_raw_scores(model: AnomalibModule) -> None:
     """Evaluate un-normalised scores and skip visualisation (slow, and not a benchmark output)."""

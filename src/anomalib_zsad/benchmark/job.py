@@ -38,6 +38,8 @@ from anomalib import LearningType
 from anomalib.callbacks import ModelCheckpoint
 from anomalib.pipelines.components import Job
 
+from anomalib_zsad.models.components import ZeroShotModuleMixin
+
 from .evaluation import PAPER_METRICS, BenchmarkEngine, InferenceTimer, use_raw_scores
 from .report import write_report
 from .resolve import MODEL_NAMESPACES, build_datamodule, build_model, import_class
@@ -185,8 +187,12 @@ class ZSADBenchmarkJob(Job):
         config = self.model_config
         if self.model_entry.get("image_size"):
             model_cls = import_class(str(config["class_path"]), MODEL_NAMESPACES)
-            pre_processor = sized_pre_processor(model_cls, self.model_entry["image_size"])
-            config = {**config, "init_args": {**(config.get("init_args") or {}), "pre_processor": pre_processor}}
+            size = self.model_entry["image_size"]
+            # A plugin model takes the size itself (its CLIP pre-processor, and the size recorded
+            # in its checkpoints); other models get their own pre-processor at that size.
+            sized = {"image_size": size} if issubclass(model_cls, ZeroShotModuleMixin) else {
+                "pre_processor": sized_pre_processor(model_cls, size)}
+            config = {**config, "init_args": {**(config.get("init_args") or {}), **sized}}
         model = build_model(config)
         use_raw_scores(model)
         return model
@@ -217,7 +223,7 @@ class ZSADBenchmarkJob(Job):
         # Always test a fresh model with the trained weights, so the first category is evaluated
         # exactly like the ones that reuse the cache (no state left over from the aux set-up).
         model = self._fresh_model()
-        skipped = load_trained_state(model, torch.load(weights, map_location="cpu"), info["trainable"])
+        skipped = load_trained_state(model, torch.load(weights, map_location="cpu", weights_only=True), info["trainable"])
         if skipped:
             logger.info("%s: recomputing %d set-up buffers for the target: %s", self.model_entry["name"],
                         len(skipped), skipped[:5])

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 
 from anomalib.pipelines import Benchmark
 from anomalib.pipelines.components.base import Runner
@@ -71,9 +70,3 @@ class ZSADBenchmark(Benchmark):
                 errors.append(f"{runner.generator.accelerator}: {error}")  # type: ignore[attr-defined]
         if errors:
             raise BenchmarkFailedError("\n".join(errors))
-
-    @staticmethod
-    def load_config(path: str | Path) -> dict:
-        """The YAML config as a dict (what ``run`` reads from ``--config``)."""
-        with Path(path).open(encoding="utf-8") as file:
-            return yaml.safe_load(file)

@@ -47,13 +47,13 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
+from anomalib_zsad.clip import CLIP_MEAN, CLIP_STD
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["WinClipFixed", "WinClipFixedModel"]
 
 #: OpenAI CLIP normalisation, the one WinCLIP and open_clip's ViT weights use.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
 

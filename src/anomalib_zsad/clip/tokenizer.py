@@ -26,8 +26,3 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tens
     keeps its end token, as open_clip does.
     """
     return _tokenizer()([texts] if isinstance(texts, str) else list(texts), context_length=context_length)
-
-
-def encode_words(text: str) -> list[int]:
-    """BPE ids of ``text`` without start/end tokens (to find where a word lands in a prompt)."""
-    return _tokenizer().encode(text)

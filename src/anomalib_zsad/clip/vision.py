@@ -24,6 +24,12 @@ BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 """``hook(block_index, tokens) -> tokens``, with a 0-based block index."""
 
 
+def quarter_blocks(depth: int) -> list[int]:
+    """The ends of the tower's four quarters, 1-based: the feature blocks 6, 12, 18, 24 of ViT-L/14
+    that AnomalyCLIP, VAND, AA-CLIP and Bayes-PFL use (3, 6, 9, 12 of ViT-B; 1..4 of a 4-block CLIP)."""
+    return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+
+
 @dataclass
 class VisionTokens:
     """What one pass of the vision tower gives.
@@ -95,6 +101,10 @@ class VisionTower(nn.Module):
                 cached = resize_pos_embed(pe, grid, self.pos_embed_mode)
             self._pos_cache = {key: cached}
         return cached
+
+    def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
+        """The patch grid (rows, columns) of an image batch [B, 3, H, W]."""
+        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> tokens [B, 1 + h*w, C] after ``ln_pre``."""

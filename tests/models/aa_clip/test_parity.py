@@ -13,7 +13,7 @@ import torch
 from conftest import load_parity_tensors, require_parity_set
 
 from anomalib_zsad.clip import load_clip, tokenize
-from anomalib_zsad.models.aa_clip.blur import KorniaGaussianBlur
+from anomalib.models.components.filters import GaussianBlur2d
 from anomalib_zsad.models.aa_clip.checkpoint import load_official_checkpoint
 from anomalib_zsad.models.aa_clip.evaluation import official_image_scores, official_metrics, official_normalize
 from anomalib_zsad.models.aa_clip.loss import AACLIPLoss
@@ -191,7 +191,7 @@ def test_parity_aa_clip_blur_is_kornia() -> None:
     maps = torch.rand(3, 1, 37, 37, generator=torch.Generator().manual_seed(0))
     for kernel, sigma in ((7, 1.0), (9, 1.5)):
         expected = kornia.filters.gaussian_blur2d(maps, (kernel, kernel), (sigma, sigma), border_type="reflect")
-        assert max_diff(KorniaGaussianBlur(kernel, sigma)(maps), expected) <= 1e-6
+        assert max_diff(GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel)(maps), expected) <= 1e-6
 
 
 # ----------------------------------------------------------------------------- training

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_reloads_identically
 from anomalib import LearningType
 from anomalib.data import ImageBatch, MVTecAD
 from anomalib.engine import Engine
+from conftest import assert_reloads_identically
 
 from anomalib_zsad.data import CrossDataset
 from anomalib_zsad.models.bayes_pfl import BayesPFL, save_official_checkpoint
+from anomalib_zsad.models.components.lightning import PAPER_METRICS
 
-PAPER_METRICS = ("image_AUROC", "image_AUPR", "image_F1Max", "pixel_AUROC", "pixel_AUPRO", "pixel_F1Max")
 SMALL = {"num_samples": 2, "num_flows": 2, "prompt_num": 2, "topk": 20}
 
 

@@ -24,7 +24,8 @@ def model(tiny_clip: ClipModel) -> VandModel:
     """A fresh model; the text features of a class (a 420-sentence ensemble) are shared across tests."""
     torch.manual_seed(0)
     vand = VandModel(tiny_clip, class_name="bottle")
-    vand._text_cache = _TEXT_CACHE  # noqa: SLF001
+    cache = vand.text_cache  # a frozen text side: its entries only depend on the device
+    cache._entries, cache._key = _TEXT_CACHE, cache._state_key(cache.frozen.device)  # noqa: SLF001
     return vand
 
 
@@ -104,16 +105,17 @@ def test_per_image_class_names(model: VandModel, images: torch.Tensor) -> None:
 
 def test_stored_text_features_until_the_class_changes(model: VandModel, images: torch.Tensor) -> None:
     model.freeze_text_features()
-    stored = model.text_features.clone()
-    model._text_cache = {}  # noqa: SLF001  stored features never go back to the text tower
+    stored = model.text_cache.frozen.clone()
+    computed = []
+    model.text_cache._compute = lambda name: computed.append(name)  # noqa: SLF001  (must not run)
     model(images)
     torch.testing.assert_close(model.inference_text_features(), stored)
-    assert "bottle" not in model._text_cache  # noqa: SLF001
-    model._text_cache = _TEXT_CACHE  # noqa: SLF001
+    assert computed == []  # frozen features never go back to the text tower
+    model.text_cache._compute = model._ensemble_text_features  # noqa: SLF001
     model.set_class_name("screw")
-    assert model.text_features.numel() == 0
+    assert not model.text_cache.is_frozen
     assert not torch.allclose(model.inference_text_features(), stored)
-    assert "text_features" not in model.state_dict()  # rebuilt at set-up, never loaded stale
+    assert not any("text_cache" in key for key in model.state_dict())  # rebuilt at set-up, never loaded stale
 
 
 def test_few_shot_memory(model: VandModel, images: torch.Tensor) -> None:

@@ -153,7 +153,8 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
         check.positive("image_adapt_until", settings["image_adapt_until"], optional=True)
         if settings["surgery_from"] is not None:
             check.layers("surgery_from", [settings["surgery_from"]], depth)
-        check.positive("blur_kernel_size", settings["blur_kernel_size"])
+        check.require(isinstance(settings["blur_kernel_size"], int) and settings["blur_kernel_size"] % 2 == 1,
+                      f"blur_kernel_size must be odd and positive, got {settings['blur_kernel_size']!r}")
         check.positive("blur_sigma", settings["blur_sigma"])
         check.choice("image_score", settings["image_score"], IMAGE_SCORES)
         names = settings["real_names"]

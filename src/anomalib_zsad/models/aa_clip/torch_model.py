@@ -23,20 +23,19 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
+from anomalib.models.components.filters import GaussianBlur2d
 from torch import nn
 
-from anomalib_zsad.clip import ClipModel, tokenize
+from anomalib_zsad.clip import ClipModel, quarter_blocks, tokenize
+from anomalib_zsad.models.components.text_cache import TextFeatureCache
 
 from .adapters import AdapterHook, ImageAdapter, text_adapter, xavier_init_
-from .blur import KorniaGaussianBlur
 from .prompts import describe_class, state_sentences
 
 IMAGE_SCORES = ("text", "map_max")
 
 
-def default_levels(depth: int) -> list[int]:
-    """The ends of the tower's four quarters: 6, 12, 18, 24 of ViT-L/14 (official ``levels``)."""
-    return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+default_levels = quarter_blocks  # the ends of the tower's four quarters (6, 12, 18, 24 of ViT-L)
 
 
 def scaled_depth(official: int, official_depth: int, depth: int) -> int:
@@ -106,12 +105,10 @@ class AACLIPModel(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         xavier_init_(self.text_adapter, generator)
         xavier_init_(self.image_adapter, generator)
-        self.blur = KorniaGaussianBlur(blur_kernel_size, blur_sigma)
-        # Anchors for inference, computed once per class (see anchors / freeze_text_features).
-        self.register_buffer("frozen_text_features", torch.empty(0), persistent=False)
-        self._frozen = False
-        self._anchor_cache: dict[str, torch.Tensor] = {}
-        self._anchor_key: tuple | None = None
+        # kornia's blur on the patch grid (reflect border, window in samples), as the official test code
+        self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1, kernel_size=blur_kernel_size)
+        # Anchors for inference, computed once per class and adapter state, frozen for export.
+        self.text_cache = TextFeatureCache(self.class_text_embedding, self.text_adapter.parameters)
 
     def train(self, mode: bool = True) -> AACLIPModel:
         """CLIP stays in eval mode, as in the official code (it never calls ``.train()``)."""
@@ -147,38 +144,24 @@ class AACLIPModel(nn.Module):
         table = {name: self.class_text_embedding(name) for name in unique}
         return torch.stack([table[name] for name in class_names])
 
-    def _cache_key(self) -> tuple:
-        params = list(self.text_adapter.parameters())
-        return (*((p.data_ptr(), p._version) for p in params), params[0].device)  # noqa: SLF001
-
     def anchors(self, class_name: str) -> torch.Tensor:
         """Anchors of one class for inference, [E, 2]: they depend only on the text adapter and
         the name, so each is computed once (until the adapter changes)."""
-        key = self._cache_key()
-        if key != self._anchor_key:
-            self._anchor_cache, self._anchor_key = {}, key
-        if class_name not in self._anchor_cache:
-            with torch.no_grad():
-                self._anchor_cache[class_name] = self.class_text_embedding(class_name)
-        return self._anchor_cache[class_name]
+        return self.text_cache.get(class_name)
 
     def text_features_cached(self) -> torch.Tensor:
         """Anchors of ``class_name`` [E, 2]. After :meth:`freeze_text_features` (before export) the
         stored buffer is used as it is, so no text tower is traced."""
-        if self._frozen:
-            return self.frozen_text_features
-        return self.anchors(self.class_name)
+        return self.text_cache.current(self.class_name)
 
     def freeze_text_features(self) -> None:
         """Store the anchors of ``class_name`` as a constant buffer (for export and deployment)."""
-        self._frozen = False
-        self.frozen_text_features = self.anchors(self.class_name).clone()
-        self._frozen = True
+        self.text_cache.freeze(self.class_name)
 
     def set_class_name(self, class_name: str) -> None:
         """Change the object name of the inference prompts (and unfreeze the anchors)."""
         self.class_name = class_name
-        self._frozen = False
+        self.text_cache.unfreeze()
 
     # ----------------------------------------------------------------- image
     def encode_image(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -211,8 +194,7 @@ class AACLIPModel(nn.Module):
 
     # ------------------------------------------------------------------ maps
     def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
-        patch = self.clip.visual.patch_size
-        return images.shape[-2] // patch, images.shape[-1] // patch
+        return self.clip.visual.grid_size(images)
 
     def patch_logits(self, features: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Scaled similarities of patches [B, h*w, E] and anchors ([E, 2] or [B, E, 2]) -> [B, 2, h, w]."""
@@ -260,7 +242,7 @@ class AACLIPModel(nn.Module):
         ``class_names`` (one per image) picks each image's anchors; None, or frozen anchors,
         = those of ``class_name`` (an exported graph has the images as its only input).
         """
-        if class_names is None or self._frozen:
+        if class_names is None or self.text_cache.is_frozen:
             text = self.text_features_cached()
         else:
             text = torch.stack([self.anchors(name) for name in class_names])

@@ -19,15 +19,14 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_zsad.clip import ClipModel
+from anomalib_zsad.clip import ClipModel, quarter_blocks
 from anomalib_zsad.models.components import GaussianBlur
+from anomalib_zsad.models.components.text_cache import TextFeatureCache
 
 from .prompt_learner import AnomalyCLIPPromptLearner
 
 
-def default_feature_layers(depth: int) -> list[int]:
-    """The paper's layers: the ends of the four quarters of the tower (6, 12, 18, 24 of ViT-L)."""
-    return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+default_feature_layers = quarter_blocks  # the ends of the tower's four quarters (6, 12, 18, 24 of ViT-L)
 
 
 class AnomalyCLIPModel(nn.Module):
@@ -63,9 +62,8 @@ class AnomalyCLIPModel(nn.Module):
         self.prompt_learner = AnomalyCLIPPromptLearner(clip.text, n_ctx, prompt_depth, deep_prompt_length,
                                                        class_name=class_name, seed=seed)
         self.blur = GaussianBlur(sigma)
-        # Text features for inference: computed once per prompt state (see text_features_cached).
-        self.register_buffer("frozen_text_features", torch.empty(0), persistent=False)
-        self._text_cache_key: tuple | None = None
+        # Text features for inference: computed once per prompt state, frozen for export.
+        self.text_cache = TextFeatureCache(self._text_features_of, self.prompt_learner.parameters)
 
     def text_features(self) -> torch.Tensor:
         """Normalised [2, E] text features (row 0 normal, row 1 anomalous), with autograd."""
@@ -75,27 +73,18 @@ class AnomalyCLIPModel(nn.Module):
                         round_deep_prompts_to_fp16=self.round_deep_prompts_to_fp16)
         return F.normalize(features.float(), dim=-1)
 
-    def text_features_cached(self) -> torch.Tensor:
-        """Text features for inference: they depend only on the prompts, so compute them once.
+    def _text_features_of(self, class_name: str) -> torch.Tensor:
+        del class_name  # object-agnostic: one pair of prompts for every object
+        return self.text_features()
 
-        After :meth:`freeze_text_features` (done before export) the stored buffer is used as it
-        is, so no text tower ends up in an exported graph.
-        """
-        if self._text_cache_key == "frozen":
-            return self.frozen_text_features
-        params = list(self.prompt_learner.parameters())
-        key = tuple((p.data_ptr(), p._version) for p in params) + (params[0].device,)  # noqa: SLF001
-        if key != self._text_cache_key:
-            with torch.no_grad():
-                self.frozen_text_features = self.text_features()
-            self._text_cache_key = key
-        return self.frozen_text_features
+    def text_features_cached(self) -> torch.Tensor:
+        """Text features for inference: they depend only on the prompts, so compute them once
+        (a constant buffer after :meth:`freeze_text_features`)."""
+        return self.text_cache.current("")
 
     def freeze_text_features(self) -> None:
         """Store the current text features as a constant buffer (for export and deployment)."""
-        self._text_cache_key = None
-        self.text_features_cached()
-        self._text_cache_key = "frozen"
+        self.text_cache.freeze("")
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (global feature [B, E], patch features per layer [B, 1 + h*w, E]), not normalised."""
@@ -119,8 +108,7 @@ class AnomalyCLIPModel(nn.Module):
         return F.normalize(global_feature, dim=-1) @ text.t() / self.temperature
 
     def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
-        patch = self.clip.visual.patch_size
-        return images.shape[-2] // patch, images.shape[-1] // patch
+        return self.clip.visual.grid_size(images)
 
     def training_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (image logits [B, 2], per-layer patch probabilities upsampled to [B, 2, H, W]).

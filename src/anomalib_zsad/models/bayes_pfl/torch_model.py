@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_zsad.clip import ClipModel
+from anomalib_zsad.clip import ClipModel, quarter_blocks
 from anomalib_zsad.models.components import GaussianBlur
 
 from .flows import ContextFlow, Decoder, FlowSample, GaussianEncoder, StateFlow
@@ -40,9 +40,7 @@ from .prompts import class_token_ids, encode_prompt_bank
 from .rca import GlobalFeature, ResidualCrossAttention
 
 
-def default_feature_layers(depth: int) -> list[int]:
-    """The ends of the four quarters of the tower (official ``[6, 12, 18, 24]`` of ViT-L)."""
-    return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+default_feature_layers = quarter_blocks  # the ends of the tower's four quarters (6, 12, 18, 24 of ViT-L)
 
 
 class BayesPFLModel(nn.Module):

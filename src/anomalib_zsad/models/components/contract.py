@@ -233,9 +233,10 @@ class ModelContract:
         check.choice("activation", settings.get("activation", "auto"), ACTIVATIONS)
         check.require(isinstance(settings.get("backbone"), str) and settings.get("backbone"),
                       f"backbone must be a CLIP architecture name, got {settings.get('backbone')!r}")
-        arch = architecture_or_none(settings["backbone"]) if check.problems == [] else None
-        if arch is None and isinstance(settings.get("backbone"), str) and is_random(settings.get("pretrained")):
-            try:
+        named = isinstance(settings.get("backbone"), str) and settings.get("backbone")
+        arch = architecture_or_none(settings["backbone"]) if named else None
+        if arch is None and named and is_random(settings.get("pretrained")):
+            try:  # random weights: only the name can give the shape
                 named_architecture(settings["backbone"])
             except ValueError as error:
                 check.problems.append(str(error))

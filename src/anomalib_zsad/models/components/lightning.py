@@ -29,17 +29,29 @@ import torch
 from anomalib import LearningType
 from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 from anomalib.post_processing import PostProcessor
+from lightning.pytorch.callbacks import Timer
 from anomalib.pre_processing import PreProcessor
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
+from anomalib_zsad.clip import CLIP_MEAN, CLIP_STD
+
 from .contract import IDENTITY_KEY, ModelContract
+from .post_processing import RawScorePostProcessor
 from .quantization import quantize_ov_model
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: Result column -> (metric class, batch fields). Column names are the metric names anomalib logs.
+PAPER_METRIC_FIELDS: dict[str, tuple[type, list[str]]] = {
+    "image_AUROC": (AUROC, ["pred_score", "gt_label"]),
+    "image_AUPR": (AUPR, ["pred_score", "gt_label"]),
+    "image_F1Max": (F1Max, ["pred_score", "gt_label"]),
+    "pixel_AUROC": (AUROC, ["anomaly_map", "gt_mask"]),
+    "pixel_AUPRO": (AUPRO, ["anomaly_map", "gt_mask"]),
+    "pixel_F1Max": (F1Max, ["anomaly_map", "gt_mask"]),
+}
+PAPER_METRICS = tuple(PAPER_METRIC_FIELDS)
 FROZEN_PREFIX = "model.clip."
 LIGHTNING_FALLBACK_EPOCHS = 1000  # what Lightning trains when no limit is given
 
@@ -55,15 +67,11 @@ def clip_pre_processor(image_size: int | Sequence[int] = 518) -> PreProcessor:
 
 
 def paper_evaluator() -> Evaluator:
-    """The figures the ZSAD papers report: image AUROC / AP / F1-max, pixel AUROC / AUPRO / F1-max."""
+    """The figures the ZSAD papers report: image AUROC / AP / F1-max, pixel AUROC / AUPRO / F1-max
+    (pixel metrics skipped, not failed, for models or data without maps or masks)."""
     return Evaluator(test_metrics=[
-        AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-        AUPR(fields=["pred_score", "gt_label"], prefix="image_"),
-        F1Max(fields=["pred_score", "gt_label"], prefix="image_"),
-        AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-        AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-        F1Max(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-    ])
+        metric_cls(fields=fields, prefix=column.split("_", 1)[0] + "_", strict=column.startswith("image_"))
+        for column, (metric_cls, fields) in PAPER_METRIC_FIELDS.items()])
 
 
 class ZeroShotModuleMixin(ModelContract):
@@ -115,8 +123,9 @@ class ZeroShotModuleMixin(ModelContract):
         """Without ``max_epochs``/``max_steps``/``max_time`` Lightning trains 1000 epochs; run the
         paper's number instead (``--trainer.max_epochs`` still decides where it is given)."""
         trainer, epochs = self.trainer, self.default_max_epochs()
-        unset = trainer.fit_loop.max_epochs == LIGHTNING_FALLBACK_EPOCHS and trainer.max_steps == -1
-        if epochs and unset and trainer.max_time is None:
+        unset = trainer.fit_loop.max_epochs in (None, LIGHTNING_FALLBACK_EPOCHS) and trainer.max_steps == -1
+        timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)  # max_time given
+        if epochs and unset and not timed:
             logger.info("%s: max_epochs not given, training the paper's %d epochs", type(self).__name__, epochs)
             trainer.fit_loop.max_epochs = epochs
 
@@ -137,25 +146,39 @@ class ZeroShotModuleMixin(ModelContract):
                            "random prompts. Train it (anomalib train), give --ckpt_path, or give the official "
                            "weights (--model.official_checkpoint).", type(self).__name__)
 
+    def _ready_outside_inference_mode(self) -> None:
+        # Lightning runs these hooks under inference mode: what is built or cached here (the CLIP,
+        # text features, resized position embeddings) must stay usable by a later training step.
+        with torch.inference_mode(False), torch.no_grad():
+            self.ready_for_inference()
+
     def on_validation_start(self) -> None:
-        self.ready_for_inference()
+        self._ready_outside_inference_mode()
 
     def on_test_start(self) -> None:
-        self.ready_for_inference()
+        self._ready_outside_inference_mode()
 
     def on_predict_start(self) -> None:
-        self.ready_for_inference()
+        self._ready_outside_inference_mode()
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
         """Thresholds from validation, but scores and maps left as the model gives them: the
         papers report un-normalised scores, and min-max normalisation would clip test values
         outside the validation range."""
-        return PostProcessor(enable_normalization=False)
+        return RawScorePostProcessor(enable_normalization=False)
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
         return paper_evaluator()
+
+    @classmethod
+    def configure_visualizer(cls) -> Any:  # noqa: ANN401
+        """anomalib's image visualizer, with the drawn maps (not the metrics' ones) brought to [0, 1]
+        by the model's validation range and pixel threshold (:mod:`.display`)."""
+        from .display import ZeroShotVisualizer  # noqa: PLC0415
+
+        return ZeroShotVisualizer()
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         """Trained from the first optimiser step on, so checkpoints written during training

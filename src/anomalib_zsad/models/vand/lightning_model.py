@@ -75,7 +75,8 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
         lr: Adam learning rate (official 1e-3).
         betas: Adam betas (official (0.5, 0.999)).
         official_single_image_dice: the official per-row dice of one-image batches (see loss.py).
-        seed: random CLIP weights (tests); the linear layers start as PyTorch initialises them.
+        seed: initial values of the linear layers (PyTorch's initialisation, seeded) and of a
+            random CLIP.
         allow_clip_mismatch: run a checkpoint on another CLIP or image size than it was trained
             with (refused otherwise).
         checkpoint: deprecated name of ``official_checkpoint``.
@@ -146,8 +147,12 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
 
     def build_model(self, clip: ClipModel) -> VandModel:
         s = self.settings
-        return VandModel(clip, feature_layers=s["feature_layers"], few_shot_layers=s["few_shot_layers"],
-                         logit_scale=s["logit_scale"], class_name=self.class_name or "object")
+        # The linear layers start as PyTorch initialises them (as officially), from ``seed``: two
+        # models built with the same settings are the same model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s["seed"])
+            return VandModel(clip, feature_layers=s["feature_layers"], few_shot_layers=s["few_shot_layers"],
+                             logit_scale=s["logit_scale"], class_name=self.class_name or "object")
 
     read_official_weights = staticmethod(read_official_checkpoint)
     load_official_weights = staticmethod(load_official_checkpoint)

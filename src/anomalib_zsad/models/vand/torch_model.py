@@ -24,7 +24,8 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_zsad.clip import ClipModel
+from anomalib_zsad.clip import ClipModel, quarter_blocks
+from anomalib_zsad.models.components.text_cache import TextFeatureCache
 from anomalib_zsad.clip.prompts import (
     VAND_ANOMALOUS_STATES,
     VAND_NORMAL_STATES,
@@ -33,10 +34,7 @@ from anomalib_zsad.clip.prompts import (
 )
 
 
-def default_feature_layers(depth: int) -> list[int]:
-    """The official layers 6, 12, 18, 24 of ViT-L/14 are the ends of the tower's four quarters;
-    the same rule gives 3, 6, 9, 12 for ViT-B and 1, 2, 3, 4 for the 4-block test CLIP."""
-    return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+default_feature_layers = quarter_blocks  # the ends of the tower's four quarters (6, 12, 18, 24 of ViT-L)
 
 
 class VandLinearLayer(nn.Module):
@@ -95,48 +93,37 @@ class VandModel(nn.Module):
         self.prompts = (tuple(normal_states), tuple(anomalous_states), tuple(templates))
         arch = clip.arch
         self.trainable_linearlayer = VandLinearLayer(arch.vision_width, arch.embed_dim, len(self.feature_layers))
-        # Inference text features of ``class_name``; a buffer so that export bakes them in.
-        self.register_buffer("text_features", torch.empty(0), persistent=False)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        # Text features by class name (the text side is frozen CLIP); frozen for export.
+        self.text_cache = TextFeatureCache(self._ensemble_text_features)
         # Few-shot memory: one [M, C] bank of raw tokens per few-shot layer, held in buffers
         # ``memory_bank_<i>`` that are not saved (the memory is rebuilt from the target's images).
         self._memory_size = 0
 
     # --- text ------------------------------------------------------------------------------------
 
+    def _ensemble_text_features(self, class_name: str) -> torch.Tensor:
+        return ensemble_text_features(self.clip, class_name, *self.prompts).float()
+
     def class_text_features(self, class_name: str) -> torch.Tensor:
         """[2, E] text features of one class name, computed once per name and device."""
-        device = self.clip.text.positional_embedding.device
-        cached = self._text_cache.get(class_name)
-        if cached is None or cached.device != device:
-            with torch.no_grad():
-                cached = ensemble_text_features(self.clip, class_name, *self.prompts).float()
-            self._text_cache[class_name] = cached
-        return cached
+        return self.text_cache.get(class_name)
 
     def batch_text_features(self, class_names: Sequence[str]) -> torch.Tensor:
         """[B, 2, E]: one pair per image, as official training does (each image's own class)."""
         return torch.stack([self.class_text_features(name) for name in class_names])
 
     def set_class_name(self, class_name: str) -> None:
-        """Use ``class_name`` in the prompts from now on (the stored text features are dropped)."""
+        """Use ``class_name`` in the prompts from now on (frozen text features are dropped)."""
         self.class_name = class_name
-        self.text_features = torch.empty(0, device=self.text_features.device)
+        self.text_cache.unfreeze()
 
     def inference_text_features(self) -> torch.Tensor:
-        """[2, E] for ``class_name``, kept in the ``text_features`` buffer once computed.
-
-        The first eager call fills the buffer; from then on the forward pass only reads it, so an
-        exported graph (anomalib runs the model eagerly before exporting) holds the features as a
-        constant and no text tower.
-        """
-        if self.text_features.numel() == 0:
-            self.text_features = self.class_text_features(self.class_name)
-        return self.text_features
+        """[2, E] for ``class_name`` (the frozen buffer after :meth:`freeze_text_features`)."""
+        return self.text_cache.current(self.class_name)
 
     def freeze_text_features(self) -> None:
-        """Compute and store the text features of ``class_name`` now (before export or deployment)."""
-        self.text_features = self.class_text_features(self.class_name)
+        """Store the text features of ``class_name`` as a constant buffer (before export or deployment)."""
+        self.text_cache.freeze(self.class_name)
 
     # --- vision ----------------------------------------------------------------------------------
 
@@ -149,8 +136,7 @@ class VandModel(nn.Module):
         return visual.project(tokens.cls), tokens.layers
 
     def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
-        patch = self.clip.visual.patch_size
-        return images.shape[-2] // patch, images.shape[-1] // patch
+        return self.clip.visual.grid_size(images)
 
     def image_scores(self, global_feature: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Zero-shot anomaly probability of each image [B]; ``text`` is [2, E] or [B, 2, E]."""
