@@ -218,3 +218,24 @@ def test_release_loaded_by_tag_matches_open_clip_with_its_head_width(tmp_path: P
         wrong = load_clip("anything", tmp_path / "hw32-release.bin", activation="gelu")  # no name: 64-wide heads
         assert wrong.arch.vision_heads == 2
         assert not torch.allclose(wrong.encode_image(images), reference.encode_image(images), atol=1e-3)
+
+
+def test_hub_release_downloaded_into_the_clip_cache_is_found_offline(tiny_clip: ClipModel, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_clip downloads a tag's Hugging Face hub file into the cache directory it is given
+    ($ZSAD_CLIP_CACHE), in the hub's layout; the next run, offline, must find it there."""
+    import open_clip  # noqa: PLC0415
+
+    monkeypatch.setattr(open_clip.pretrained, "get_pretrained_cfg",
+                        lambda name, tag: {"hf_hub": "someone/tiny-clip-release/", "quick_gelu": True})
+    monkeypatch.setenv("ZSAD_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # nothing in the user's own hub cache
+    repo = tmp_path / "models--someone--tiny-clip-release"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    torch.save(openai_state_dict(tiny_clip), repo / "snapshots" / "0123abcd" / "open_clip_pytorch_model.bin")
+    loaded = load_clip("ViT-B-16", "some-hub-tag", cache_dir=tmp_path)
+    same_outputs(loaded, fp16_copy(tiny_clip))
+    with pytest.raises(ClipWeightsUnavailableError, match="someone/tiny-clip-release"):
+        load_clip("ViT-B-16", "some-hub-tag", cache_dir=tmp_path / "empty")

@@ -180,16 +180,19 @@ def architecture_of_weights(
     return arch.with_heads_of(named)
 
 
-def _cached_hub_file(repo: str) -> Path | None:
-    """An open_clip hub checkpoint already in the Hugging Face cache, without any network call."""
+def _cached_hub_file(repo: str, cache_dir: Path | None = None) -> Path | None:
+    """An open_clip hub checkpoint already on this machine, without any network call: in
+    ``cache_dir`` (where :func:`resolve_pretrained` has open_clip download hub files) or in the
+    Hugging Face cache."""
     try:
         from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
     except ImportError:
         return None
-    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        found = try_to_load_from_cache(repo.rstrip("/"), filename)
-        if isinstance(found, str):
-            return Path(found)
+    for where in ([cache_dir] if cache_dir is not None else []) + [None]:
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(repo.rstrip("/"), filename, cache_dir=where)
+            if isinstance(found, str):
+                return Path(found)
     return None
 
 
@@ -223,7 +226,7 @@ def resolve_pretrained(model_name: str, tag: str, cache_dir: Path | None = None)
         local = cache_dir / Path(urlparse(cfg["url"]).path).name
         if local.is_file():
             return local, quick_gelu
-    if cfg.get("hf_hub") and (hub_file := _cached_hub_file(cfg["hf_hub"])) is not None:
+    if cfg.get("hf_hub") and (hub_file := _cached_hub_file(cfg["hf_hub"], cache_dir)) is not None:
         return hub_file, quick_gelu
     hosts = [urlparse(cfg["url"]).hostname] if cfg.get("url") else []
     hosts += ["huggingface.co"] if cfg.get("hf_hub") else []
