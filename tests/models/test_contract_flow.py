@@ -38,7 +38,7 @@ FLOW_SETTINGS: dict[str, tuple[dict, int]] = {
 }
 EXPORT_TOLERANCE = 1e-4
 CONFIG_FILES = {"AnomalyCLIP": "anomalyclip", "Vand": "vand", "AdaCLIP": "adaclip", "AACLIP": "aa_clip",
-                "BayesPFL": "bayes_pfl"}
+                "BayesPFL": "bayes_pfl", "GlocalCLIP": "glocalclip"}
 
 
 def learnt_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

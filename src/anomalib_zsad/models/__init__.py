@@ -5,6 +5,7 @@ from .aa_clip import AACLIP
 from .adaclip import AdaCLIP
 from .anomalyclip import AnomalyCLIP
 from .bayes_pfl import BayesPFL
+from .glocalclip import GlocalCLIP
 from .vand import Vand
 
-__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BayesPFL", "Vand"]
+__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BayesPFL", "GlocalCLIP", "Vand"]

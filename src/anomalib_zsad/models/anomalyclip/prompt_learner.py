@@ -2,6 +2,9 @@
 
 Parameter names are the official ones (``ctx_pos``, ``ctx_neg``, ``compound_prompts_text.N``),
 so the released ``{"prompt_learner": state_dict}`` files load without renaming.
+
+The deep-prompt pieces (:func:`deep_prompt_parameters`, :func:`deep_prompts_by_block`,
+:func:`check_prompt_depth`) are shared with the methods built on AnomalyCLIP (GlocalCLIP).
 """
 
 from __future__ import annotations
@@ -10,6 +13,25 @@ import torch
 from torch import nn
 
 from anomalib_zsad.clip import TextTower, tokenize
+
+
+def check_prompt_depth(depth: int, text: TextTower) -> None:
+    """Deep prompts go before text blocks ``1 .. depth-1``: the tower must have them."""
+    if depth - 1 > len(text.blocks) - 1:
+        msg = f"deep prompt depth {depth} needs more than the text tower's {len(text.blocks)} blocks"
+        raise ValueError(msg)
+
+
+def deep_prompt_parameters(depth: int, length: int, width: int, generator: torch.Generator,
+                           init_std: float = 0.02) -> nn.ParameterList:
+    """The official ``compound_prompts_text``: ``depth - 1`` learnt [length, width] token blocks."""
+    return nn.ParameterList(
+        nn.Parameter(torch.randn(length, width, generator=generator) * init_std) for _ in range(depth - 1))
+
+
+def deep_prompts_by_block(prompts: nn.ParameterList) -> dict[int, torch.Tensor]:
+    """Block index -> tokens placed at positions ``1 ..`` before that block (blocks 1, 2, ...)."""
+    return {index + 1: prompt for index, prompt in enumerate(prompts)}
 
 
 class AnomalyCLIPPromptLearner(nn.Module):
@@ -24,16 +46,13 @@ class AnomalyCLIPPromptLearner(nn.Module):
                  class_name: str = "object", normal_template: str = "{}", anomalous_template: str = "damaged {}",
                  init_std: float = 0.02, seed: int = 0) -> None:
         super().__init__()
-        if depth - 1 > len(text.blocks) - 1:
-            msg = f"deep prompt depth {depth} needs more than the text tower's {len(text.blocks)} blocks"
-            raise ValueError(msg)
+        check_prompt_depth(depth, text)
         width = text.token_embedding.embedding_dim
         self.n_ctx = n_ctx
         generator = torch.Generator().manual_seed(seed)
         self.ctx_pos = nn.Parameter(torch.randn(1, 1, n_ctx, width, generator=generator) * init_std)
         self.ctx_neg = nn.Parameter(torch.randn(1, 1, n_ctx, width, generator=generator) * init_std)
-        self.compound_prompts_text = nn.ParameterList(
-            nn.Parameter(torch.randn(deep_length, width, generator=generator) * init_std) for _ in range(depth - 1))
+        self.compound_prompts_text = deep_prompt_parameters(depth, deep_length, width, generator, init_std)
         placeholder = " ".join(["X"] * n_ctx)
         sentences = [f"{placeholder} {normal_template.format(class_name)}.",
                      f"{placeholder} {anomalous_template.format(class_name)}."]
@@ -47,4 +66,4 @@ class AnomalyCLIPPromptLearner(nn.Module):
 
     def deep_prompts(self) -> dict[int, torch.Tensor]:
         """Block index -> tokens placed at positions ``1 ..`` before that block (blocks 1, 2, ...)."""
-        return {index + 1: prompt for index, prompt in enumerate(self.compound_prompts_text)}
+        return deep_prompts_by_block(self.compound_prompts_text)
