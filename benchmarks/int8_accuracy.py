@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(args: argparse.Namespace):  # noqa: ANN201
-    import anomalib_zsad.models  # noqa: PLC0415
+def build_model(args: argparse.Namespace):
+    import anomalib_zsad.models
 
     pretrained = None if args.pretrained.lower() in {"none", "random"} else args.pretrained
     return getattr(anomalib_zsad.models, args.model)(backbone=args.backbone, pretrained=pretrained,
@@ -63,9 +63,9 @@ def build_model(args: argparse.Namespace):  # noqa: ANN201
 def evaluate(xml: Path, datamodules: dict, threads: int) -> dict:
     """Image and pixel AUROC over all test categories pooled per category then averaged, and the
     median time per image, for one exported model run by anomalib's OpenVINOInferencer."""
-    import torch  # noqa: PLC0415
-    from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
-    from torchmetrics.functional.classification import binary_auroc  # noqa: PLC0415
+    import torch
+    from anomalib.deploy import OpenVINOInferencer
+    from torchmetrics.functional.classification import binary_auroc
 
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config={"INFERENCE_NUM_THREADS": threads})
     image_aurocs, pixel_aurocs, per_image, all_scores, all_maps = [], [], [], [], []
@@ -93,14 +93,14 @@ def evaluate(xml: Path, datamodules: dict, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.set_num_threads(args.threads)
-    from anomalib.data import MVTecAD  # noqa: PLC0415
-    from anomalib.deploy import CompressionType, ExportType  # noqa: PLC0415
-    from anomalib.engine import Engine  # noqa: PLC0415
+    from anomalib.data import MVTecAD
+    from anomalib.deploy import CompressionType, ExportType
+    from anomalib.engine import Engine
 
-    from anomalib_zsad.data import CrossDataset, make_demo_dataset  # noqa: PLC0415
+    from anomalib_zsad.data import CrossDataset, make_demo_dataset
 
     torch.manual_seed(0)
     model = build_model(args)
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.compression:
         print(f"exporting {name} ...", flush=True)
         if name == GENERIC:  # anomalib's own PTQ: nncf.quantize with no preset, same calibration images, FP32 save
-            import nncf  # noqa: PLC0415
-            import openvino as ov  # noqa: PLC0415
+            import nncf
+            import openvino as ov
 
             calibration.setup("fit")
             quantized = nncf.quantize(ov.Core().read_model(str(fp32_xml)),
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                 compression_type=CompressionType(name), datamodule=calibration)
         rows.append({"export": name, **evaluate(Path(xml), targets, args.threads)})
 
-    from scipy.stats import spearmanr  # noqa: PLC0415
+    from scipy.stats import spearmanr
 
     base = rows[0]
     lines = ["| export | image AUROC | change | pixel AUROC | change | rank corr. with FP32 scores / maps | ms / image |",

@@ -27,10 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def mlp_stack(tokens: int, width: int, layers: int):  # noqa: ANN201
-    import numpy as np  # noqa: PLC0415
-    import openvino as ov  # noqa: PLC0415
-    from openvino import opset13 as ops  # noqa: PLC0415
+def mlp_stack(tokens: int, width: int, layers: int):
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
 
     rng = np.random.default_rng(0)
     x = ops.parameter([1, tokens, width], np.float32, name="tokens")
@@ -44,9 +44,9 @@ def mlp_stack(tokens: int, width: int, layers: int):  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import nncf  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    import openvino as ov  # noqa: PLC0415
+    import nncf
+    import numpy as np
+    import openvino as ov
 
     rng = np.random.default_rng(1)
     inputs = [rng.random((1, args.tokens, args.width), dtype=np.float32) for _ in range(4)]

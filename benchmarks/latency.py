@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(args: argparse.Namespace):  # noqa: ANN201
-    import anomalib_zsad.models  # noqa: PLC0415
+def build_model(args: argparse.Namespace):
+    import anomalib_zsad.models
 
     model_class = getattr(anomalib_zsad.models, args.model)
     model = model_class(backbone=args.backbone, pretrained=None, image_size=args.image_size).eval()
@@ -54,7 +54,7 @@ def build_model(args: argparse.Namespace):  # noqa: ANN201
     return model
 
 
-def time_calls(call, inputs, runs: int) -> list[float]:  # noqa: ANN001
+def time_calls(call, inputs, runs: int) -> list[float]:
     call(inputs)  # warm-up (first call also fills caches: resized pos-embed, text features)
     times = []
     for _ in range(runs):
@@ -65,7 +65,7 @@ def time_calls(call, inputs, runs: int) -> list[float]:  # noqa: ANN001
 
 
 def worker(args: argparse.Namespace, work: Path) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.set_num_threads(args.threads)
     image = torch.load(work / "input.pt", weights_only=True)
@@ -75,7 +75,7 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
         model = build_model(args).model.to(device)
         inputs = image.to(device)
 
-        def call(x):  # noqa: ANN001, ANN202
+        def call(x):
             with torch.inference_mode():
                 out = model(x)
             if device == "cuda":
@@ -86,7 +86,7 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
         out = call(inputs)
         torch.save({"score": out.pred_score.cpu(), "map": out.anomaly_map.cpu()}, work / f"out-{args.worker}.pt")
     elif args.worker in {"openvino", "openvino-int8"}:
-        import openvino as ov  # noqa: PLC0415
+        import openvino as ov
 
         xml = work / ("model-int8.xml" if args.worker == "openvino-int8" else "openvino/weights/openvino/model.xml")
         compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": args.threads})
@@ -115,14 +115,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def official_worker(args: argparse.Namespace, work: Path, image) -> dict:  # noqa: ANN001
+def official_worker(args: argparse.Namespace, work: Path, image) -> dict:
     """The official test.py inference path (model_load.load, DPAM_replace(20), encode_image,
     compute_similarity, get_similarity_map, scipy gaussian_filter), on our weights and prompts."""
-    import types  # noqa: PLC0415
+    import types
 
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from scipy.ndimage import gaussian_filter  # noqa: PLC0415
+    import numpy as np
+    import torch
+    from scipy.ndimage import gaussian_filter
 
     for name, attrs in (("pkg_resources", {"packaging": __import__("packaging.version")}), ("thop", {"profile": None})):
         try:
@@ -130,8 +130,8 @@ def official_worker(args: argparse.Namespace, work: Path, image) -> dict:  # noq
         except ImportError:  # the official code imports these; neither is used for inference
             sys.modules[name] = types.SimpleNamespace(**attrs)
     sys.path.insert(0, str(args.official_src))
-    import AnomalyCLIP_lib  # noqa: PLC0415
-    from prompt_ensemble import AnomalyCLIP_PromptLearner  # noqa: PLC0415
+    import AnomalyCLIP_lib
+    from prompt_ensemble import AnomalyCLIP_PromptLearner
 
     details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
     model, _ = AnomalyCLIP_lib.load(str(work / "clip-torchscript.pt"), device="cpu", design_details=details)
@@ -146,7 +146,7 @@ def official_worker(args: argparse.Namespace, work: Path, image) -> dict:  # noq
         text = torch.stack(torch.chunk(text, dim=0, chunks=2), dim=1)
         text = text / text.norm(dim=-1, keepdim=True)
 
-    def call(x):  # noqa: ANN001, ANN202
+    def call(x):
         with torch.no_grad():
             feats, patches = model.encode_image(x, layers, DPAM_layer=20)
             feats = feats / feats.norm(dim=-1, keepdim=True)
@@ -170,7 +170,7 @@ def official_worker(args: argparse.Namespace, work: Path, image) -> dict:  # noq
 
 def prepare(args: argparse.Namespace, work: Path) -> None:
     """Inputs, weights in the official formats, and the exported OpenVINO models."""
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.manual_seed(0)
     model = build_model(args)
@@ -181,7 +181,7 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     if "official" in args.backends:
         export_official_weights(model, work)
     if {"openvino", "openvino-int8"} & set(args.backends):
-        from anomalib.engine import Engine  # noqa: PLC0415
+        from anomalib.engine import Engine
 
         engine = Engine(accelerator="cpu", default_root_dir=work, logger=False)
         xml = engine.export(model, export_type="openvino", export_root=work / "openvino",
@@ -190,11 +190,11 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
             quantize(Path(xml), work / "model-int8.xml", args)
 
 
-def export_official_weights(model, work: Path) -> None:  # noqa: ANN001
+def export_official_weights(model, work: Path) -> None:
     """Our random CLIP as an OpenAI TorchScript archive (what the official loader reads) and our
     prompts in the official ``{"prompt_learner": ...}`` layout, so both sides compute the same thing."""
-    import torch  # noqa: PLC0415
-    from torch import nn  # noqa: PLC0415
+    import torch
+    from torch import nn
 
     clip = model.model.clip
 
@@ -206,7 +206,7 @@ def export_official_weights(model, work: Path) -> None:  # noqa: ANN001
                 setattr(self, name, getattr(clip.text, name))
             self.logit_scale = clip.logit_scale
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             return x + self.logit_scale
 
     torch.jit.trace(Holder(), torch.zeros(1)).save(str(work / "clip-torchscript.pt"))
@@ -216,12 +216,12 @@ def export_official_weights(model, work: Path) -> None:  # noqa: ANN001
 def quantize(xml: Path, target: Path, args: argparse.Namespace) -> None:
     """INT8 as ``--compression_type int8_ptq`` makes it for the plugin's models (NNCF post-training,
     the CLIP settings of ``anomalib_zsad.models.components.quantization``), calibrated on demo images."""
-    import numpy as np  # noqa: PLC0415
-    import openvino as ov  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import numpy as np
+    import openvino as ov
+    from PIL import Image
 
-    from anomalib_zsad.data import make_demo_dataset  # noqa: PLC0415
-    from anomalib_zsad.models.components.quantization import quantize_ov_model  # noqa: PLC0415
+    from anomalib_zsad.data import make_demo_dataset
+    from anomalib_zsad.models.components.quantization import quantize_ov_model
 
     root = make_demo_dataset(xml.parent / "calibration_demo", seed=1, image_size=args.image_size)
     paths = sorted(root.rglob("train/good/*.png"))[: args.calibration_images]
@@ -245,7 +245,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict | No
 
 
 def report(results: list[dict], work: Path) -> str:
-    import torch  # noqa: PLC0415
+    import torch
 
     reference = torch.load(work / "out-torch.pt", weights_only=True) if (work / "out-torch.pt").exists() else None
     official = next((r for r in results if r["backend"] == "official"), None)
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.backends = [*dict.fromkeys([*args.backends, "official"])]
     try:
-        import torch  # noqa: PLC0415
+        import torch
 
         if torch.cuda.is_available():
             args.backends = [*dict.fromkeys([*args.backends, "torch-cuda"])]

@@ -84,14 +84,14 @@ def best_of(repeats: int, function: Callable[[], object]) -> float:
 
 def main(argv: list[str] | None = None) -> list[tuple[str, int, float]]:
     args = parse_args(argv)
-    from anomalib_zsad.data.validation import image_size, validate_folder_dataset  # noqa: PLC0415
+    from anomalib_zsad.data.validation import image_size, validate_folder_dataset
 
     own_root = args.root is None
     root = Path(tempfile.mkdtemp(prefix="zsad-headers-")) if own_root else args.root
     try:
         start = time.perf_counter()
         good, anomalous, masks = write_tree(root, args.images, args.categories, args.size)
-        print(f"wrote {len(good) + len(anomalous)} images + {len(masks)} masks ({args.size} px PNG, "  # noqa: T201
+        print(f"wrote {len(good) + len(anomalous)} images + {len(masks)} masks ({args.size} px PNG, "
               f"{args.categories} categories) to {root} in {time.perf_counter() - start:.1f} s")
 
         def headers() -> None:
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, float]]:
              best_of(1, lambda: validate_folder_dataset(root, decode=True))),
         ]
         if not args.no_datamodule:
-            from anomalib.data import MVTecAD  # noqa: PLC0415
+            from anomalib.data import MVTecAD
 
-            from anomalib_zsad.data import CrossDataset  # noqa: PLC0415
+            from anomalib_zsad.data import CrossDataset
 
             names = sorted(p.name for p in root.iterdir())
 
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, float]]:
 
             rows.append(("CrossDataset.setup(validate=False)", files, best_of(args.repeats, lambda: setup(False))))
             rows.append(("CrossDataset.setup(validate=True)", files, best_of(args.repeats, lambda: setup(True))))
-        print("\n| check | files | seconds | us / file |\n|---|---:|---:|---:|")  # noqa: T201
+        print("\n| check | files | seconds | us / file |\n|---|---:|---:|---:|")
         for name, files, seconds in rows:
-            print(f"| {name} | {files} | {seconds:.2f} | {seconds / files * 1e6:.0f} |")  # noqa: T201
+            print(f"| {name} | {files} | {seconds:.2f} | {seconds / files * 1e6:.0f} |")
         return rows
     finally:
         if own_root and not args.keep:

@@ -56,14 +56,14 @@ def tiny_clip() -> ClipModel:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny generated demo set (3 texture categories, 64 px, MVTec AD layout) for model flows."""
-    from anomalib_zsad.data.demo import make_demo_dataset  # noqa: PLC0415
+    from anomalib_zsad.data.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "zsad_demo", seed=0,
                              categories=("brick", "grass", "coffee"), image_size=64,
                              n_train=2, n_test_good=2, n_test_defect=4)
 
 
-def assert_reloads_identically(model, checkpoint: Path, size: int = 64):  # noqa: ANN001, ANN201
+def assert_reloads_identically(model, checkpoint: Path, size: int = 64):
     """A Lightning checkpoint of a plugin model leaves the frozen CLIP out, says the learnt parts
     were trained, and reloads to bit-identical scores and maps. Returns the reloaded model."""
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
@@ -80,20 +80,20 @@ def assert_reloads_identically(model, checkpoint: Path, size: int = 64):  # noqa
     return reloaded
 
 
-def export_every_kind(model, root: Path, size: int = 64) -> dict:  # noqa: ANN001
+def export_every_kind(model, root: Path, size: int = 64) -> dict:
     """torch, OpenVINO and ONNX exports of ``model`` through ``Engine.export``, by export type."""
-    from anomalib.deploy import ExportType  # noqa: PLC0415
-    from anomalib.engine import Engine  # noqa: PLC0415
+    from anomalib.deploy import ExportType
+    from anomalib.engine import Engine
 
     engine = Engine(accelerator="cpu", default_root_dir=root, logger=False)
     return {kind: engine.export(model, export_type=kind, export_root=root / kind.value, input_size=(size, size))
             for kind in (ExportType.TORCH, ExportType.OPENVINO, ExportType.ONNX)}
 
 
-def assert_torch_inferencer_matches(model, path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:  # noqa: ANN001
+def assert_torch_inferencer_matches(model, path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:
     """anomalib's TorchInferencer runs the torch export and gives the model's score.
     The caller sets ``TRUST_REMOTE_CODE=1`` (anomalib refuses pickled models otherwise)."""
-    from anomalib.deploy import TorchInferencer  # noqa: PLC0415
+    from anomalib.deploy import TorchInferencer
 
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
     result = TorchInferencer(path=path, device="cpu").predict(image)
@@ -113,13 +113,13 @@ def run_export(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, np.nda
         names = [output.name for output in session.get_outputs()]
         outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images}), strict=True))
         return outputs["pred_score"], outputs["anomaly_map"]
-    from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
+    from anomalib.deploy import OpenVINOInferencer
 
     result = OpenVINOInferencer(path=path, device="CPU").predict(images)
     return np.asarray(result.pred_score), np.asarray(result.anomaly_map)
 
 
-def assert_export_equals_torch(model, path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:  # noqa: ANN001
+def assert_export_equals_torch(model, path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:
     """The exported model (OpenVINO or ONNX) gives the torch model's scores and maps within
     ``tolerance``, for one image and for two (the exported batch size stays dynamic)."""
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -36,12 +36,12 @@ logger = logging.getLogger(__name__)
 
 def activate() -> None:
     """Import the plugin's models and data modules and allow them in anomalib's whitelist."""
-    import importlib  # noqa: PLC0415
+    import importlib
 
     for name in PLUGIN_MODULES:
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001  (a broken plugin must not break anomalib itself)
+        except Exception:
             logger.exception("anomalib-zsad: could not import %s", name)
     allowed = getattr(sys.modules.get(TRIGGER), "ALLOWED_MODULES", None)
     if isinstance(allowed, set):
@@ -54,10 +54,10 @@ def activate() -> None:
 def activate_benchmark(pipelines) -> None:  # noqa: ANN001
     """Put the plugin's benchmark pipeline into anomalib's CLI registry (``anomalib benchmark``)."""
     try:
-        from anomalib_zsad.benchmark import install_pipeline  # noqa: PLC0415
+        from anomalib_zsad.benchmark import install_pipeline
 
         install_pipeline(pipelines.PIPELINE_REGISTRY)
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.exception("anomalib-zsad: could not register the benchmark pipeline")
 
 
@@ -76,7 +76,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         self.trigger = trigger
         self.callback = callback
 
-    def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001, ANN201, ARG002
+    def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001, ANN202
         if fullname != self.trigger:
             return None
         sys.meta_path.remove(self)  # once only, and no recursion into ourselves

@@ -58,7 +58,7 @@ def random_weights(args: argparse.Namespace) -> bool:
 
 
 def build_model(args: argparse.Namespace):  # noqa: ANN201
-    from anomalib_zsad.models import AnomalyCLIP  # noqa: PLC0415
+    from anomalib_zsad.models import AnomalyCLIP
 
     pretrained = None if random_weights(args) else args.pretrained
     model = AnomalyCLIP(backbone=args.backbone, pretrained=pretrained, image_size=args.image_size, seed=args.seed)
@@ -82,8 +82,8 @@ def weights_description(args: argparse.Namespace) -> str:
 
 def run_description(args: argparse.Namespace, command: str, date: str) -> dict[str, str]:
     """Everything that made a result, as results.md prints it."""
-    import anomalib  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import anomalib
+    import torch
 
     return {
         "model": MODEL_NAME,
@@ -117,12 +117,12 @@ class CollectedOutputs:
     normal images of each category (score, label, map, mask)."""
 
     def __init__(self, per_kind: int) -> None:
-        from lightning.pytorch import Callback  # noqa: PLC0415
+        from lightning.pytorch import Callback
 
         outer = self
 
         class _Collector(Callback):
-            def on_test_batch_end(self, trainer, pl_module, outputs, batch, *args: Any) -> None:  # noqa: ANN001, ARG002
+            def on_test_batch_end(self, trainer, pl_module, outputs, batch, *args: Any) -> None:  # noqa: ANN001, ANN401
                 outer.add(outputs)
 
         self.callback = _Collector()
@@ -161,13 +161,13 @@ def draw_heatmaps(outputs: CollectedOutputs, path: Path, *, title: str, banner: 
     image | the ground-truth outline | the anomaly map over the image. All maps share one colour
     scale (``outputs``' range over the whole test set), shown by a colour bar with the pixel
     threshold marked. Returns what was drawn, read back from the figure's artists."""
-    import matplotlib as mpl  # noqa: PLC0415
+    import matplotlib as mpl
 
     mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from matplotlib.colors import Normalize  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import Normalize
+    from PIL import Image
 
     vmin, vmax = outputs.map_min, outputs.map_max
     if not vmax > vmin:  # a constant map: widen so that the colour bar still draws
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "anomalib_zsad.demo", *argv])
     logging.basicConfig(level=logging.WARNING)
-    from anomalib_zsad.clip import ClipWeightsUnavailableError  # noqa: PLC0415
+    from anomalib_zsad.clip import ClipWeightsUnavailableError
 
     try:
         model = build_model(args)  # first: without weights, stop before anything is written
@@ -272,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
               "--pretrained none", file=sys.stderr)
         return 2
 
-    from anomalib.data import MVTecAD  # noqa: PLC0415
-    from anomalib.engine import Engine  # noqa: PLC0415
-    from lightning.pytorch import seed_everything  # noqa: PLC0415
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
 
-    from anomalib_zsad.data import CrossDataset, make_demo_dataset  # noqa: PLC0415
+    from anomalib_zsad.data import CrossDataset, make_demo_dataset
 
     seed_everything(args.seed, verbose=False)
     categories = [*args.train_categories, *args.test_categories]

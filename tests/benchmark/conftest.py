@@ -64,7 +64,7 @@ def write_config(config: dict, path: Path) -> Path:
 
 
 @pytest.fixture
-def write_grid(demo_root: Path, tmp_path: Path):  # noqa: ANN201
+def write_grid(demo_root: Path, tmp_path: Path):
     """``write_grid(categories, models=None) -> (config path, output dir)``."""
 
     def _write(categories: list[str], models: list[dict] | None = None) -> tuple[Path, Path]:

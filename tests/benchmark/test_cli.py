@@ -60,7 +60,7 @@ def markdown_mean_table(text: str) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_demo_grid_through_anomalib_benchmark(write_grid, tmp_path: Path) -> None:  # noqa: ANN001
+def test_demo_grid_through_anomalib_benchmark(write_grid, tmp_path: Path) -> None:
     config, out = write_grid(["brick"])
     result = run_anomalib("benchmark", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -95,14 +95,14 @@ def test_demo_grid_through_anomalib_benchmark(write_grid, tmp_path: Path) -> Non
         for label in METRIC_LABELS:
             assert math.isclose(md[model][label], table.loc[model, f"demo/mean/{label}"], abs_tol=0.06)
 
-    import matplotlib.image  # noqa: PLC0415
+    import matplotlib.image
 
     image = matplotlib.image.imread(run / "results.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 200
 
 
 @pytest.mark.slow
-def test_failed_cell_fails_the_command_but_keeps_the_table(write_grid, tmp_path: Path) -> None:  # noqa: ANN001
+def test_failed_cell_fails_the_command_but_keeps_the_table(write_grid, tmp_path: Path) -> None:
     broken = [{"name": "Broken", "class_path": "anomalib_zsad.benchmark.WinClipFixed",
                "init_args": {"backbone": "no-such-clip", "pretrained": None}}]
     config, out = write_grid(["brick"], broken)

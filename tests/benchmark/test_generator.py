@@ -60,10 +60,10 @@ def test_train_data_per_target_data_set() -> None:
 
 
 def test_class_resolution_whitelist_and_plugin_names() -> None:
-    from anomalib.models import Patchcore, ReverseDistillation  # noqa: PLC0415
+    from anomalib.models import Patchcore, ReverseDistillation
 
-    from anomalib_zsad.benchmark import WinClipFixed  # noqa: PLC0415
-    from anomalib_zsad.data import CrossDataset  # noqa: PLC0415
+    from anomalib_zsad.benchmark import WinClipFixed
+    from anomalib_zsad.data import CrossDataset
 
     namespaces = ("anomalib.models", "anomalib_zsad.benchmark")
     assert import_class("Patchcore", namespaces) is Patchcore
@@ -77,9 +77,9 @@ def test_class_resolution_whitelist_and_plugin_names() -> None:
 
 
 def test_shipped_grids_expand_and_every_class_resolves() -> None:
-    import yaml  # noqa: PLC0415
+    import yaml
 
-    from anomalib_zsad.benchmark.resolve import DATA_NAMESPACES, MODEL_NAMESPACES  # noqa: PLC0415
+    from anomalib_zsad.benchmark.resolve import DATA_NAMESPACES, MODEL_NAMESPACES
 
     root = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
     counts = {}

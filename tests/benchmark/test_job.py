@@ -69,7 +69,7 @@ def test_untrained_auxiliary_model_without_train_data_is_refused(demo_root: Path
 
 def test_trained_state_keeps_extra_state_and_skips_frozen() -> None:
     """Modules may keep non-tensor extra state in their state dict (Bayes-PFL does)."""
-    from anomalib_zsad.benchmark.job import load_trained_state, trained_state  # noqa: PLC0415
+    from anomalib_zsad.benchmark.job import load_trained_state, trained_state
 
     class WithExtraState(torch.nn.Module):
         def __init__(self) -> None:

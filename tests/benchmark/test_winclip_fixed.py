@@ -78,4 +78,4 @@ def test_class_name_from_category_folder_name_or_fallback(demo_root: Path, tmp_p
     use_raw_scores(model)
     _engine(tmp_path / "f").test(model, datamodule=folder, verbose=False)
     assert model.class_name == "hazel nut"
-    assert model.model._text_embeddings.shape[0] == 2  # noqa: SLF001  normal + anomalous prompts built
+    assert model.model._text_embeddings.shape[0] == 2

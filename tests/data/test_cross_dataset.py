@@ -444,8 +444,8 @@ def test_runs_land_in_the_tree_of_anomalib_test_on_the_target(demo_root: Path, t
     ):
         datamodule.setup()
         engine = Engine(default_root_dir=tmp_path / "results")
-        engine._setup_workspace(model, datamodule=datamodule)  # noqa: SLF001 - what fit/test/predict call
-        run_dir = Path(engine._cache.args["default_root_dir"])  # noqa: SLF001
+        engine._setup_workspace(model, datamodule=datamodule)
+        run_dir = Path(engine._cache.args["default_root_dir"])
         images = sorted(
             generate_output_filename(path, run_dir / "images", datamodule.name, datamodule.category, mkdir=False)
             for path in datamodule.test_data.samples.image_path

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.models.components import AnomalibModule
-from conftest import PROJECT_ROOT
 from docstring_parser import parse
 from lightning.pytorch import Trainer
 
 import anomalib_zsad.models as plugin_models
 from anomalib_zsad.models.components.contract import IDENTITY_KEY
+from conftest import PROJECT_ROOT
 
 MODELS = [getattr(plugin_models, name) for name in plugin_models.__all__]
 TINY = {"backbone": "zsad-tiny", "pretrained": None, "image_size": 64}
@@ -135,9 +135,9 @@ def test_checkpoint_settings_are_adopted_and_conflicts_refused(model_class: type
 
 def test_weights_file_identity_is_its_content(tmp_path: Path) -> None:
     """A CLIP file is identified by its SHA-256: a renamed copy is the same CLIP, another file is not."""
-    from anomalib_zsad.clip import load_clip  # noqa: PLC0415
-    from anomalib_zsad.models import AnomalyCLIP  # noqa: PLC0415
-    from clip.test_loading import openai_state_dict  # noqa: PLC0415
+    from anomalib_zsad.clip import load_clip
+    from anomalib_zsad.models import AnomalyCLIP
+    from clip.test_loading import openai_state_dict
 
     for seed, name in ((0, "clip.pt"), (1, "other.pt")):
         torch.save(openai_state_dict(load_clip("zsad-tiny", None, seed=seed)), tmp_path / name)
@@ -156,7 +156,7 @@ def test_weights_file_identity_is_its_content(tmp_path: Path) -> None:
 def test_paper_epochs_unless_the_user_gives_a_limit(model_class: type) -> None:
     model = model_class(**TINY)
     paper = model.default_max_epochs()
-    assert paper and paper < 1000  # noqa: PLR2004
+    assert paper and paper < 1000
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unset, given = Trainer(logger=False, enable_checkpointing=False), Trainer(max_epochs=2, logger=False)
@@ -165,7 +165,7 @@ def test_paper_epochs_unless_the_user_gives_a_limit(model_class: type) -> None:
     assert unset.fit_loop.max_epochs == paper
     model.trainer = given
     model.use_paper_epochs()
-    assert given.fit_loop.max_epochs == 2  # noqa: PLR2004
+    assert given.fit_loop.max_epochs == 2
 
 
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
@@ -208,15 +208,15 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (Path.write_text, (self.marker, "code ran"))
 
 
 def test_a_crafted_checkpoint_runs_no_code_through_anomalib_test(tmp_path: Path, demo_root: Path) -> None:
     """``anomalib test --ckpt_path evil.ckpt``: Lightning's loading (torch >= 2.6 defaults) refuses
     the pickled object instead of running it."""
-    from anomalib.data import MVTecAD  # noqa: PLC0415
-    from anomalib.engine import Engine  # noqa: PLC0415
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
 
     marker = tmp_path / "pwned"
     crafted = tmp_path / "evil.ckpt"
@@ -231,11 +231,11 @@ def test_a_crafted_checkpoint_runs_no_code_through_anomalib_test(tmp_path: Path,
 def test_labels_and_masks_use_the_learnt_raw_thresholds() -> None:
     """Scores stay un-normalised (paper metrics), and labels/masks compare them with the thresholds
     learnt on validation, not with anomalib's normalised 0.5."""
-    from anomalib.data import InferenceBatch  # noqa: PLC0415
+    from anomalib.data import InferenceBatch
 
     post = MODELS[0](**TINY).post_processor
-    post._image_threshold.fill_(2.0)  # noqa: SLF001  (what validation would have learnt)
-    post._pixel_threshold.fill_(1.0)  # noqa: SLF001
+    post._image_threshold.fill_(2.0)
+    post._pixel_threshold.fill_(1.0)
     anomaly_map = torch.tensor([[[0.2, 0.8], [1.5, 3.9]]] * 2)
     out = post(InferenceBatch(pred_score=torch.tensor([1.5, 2.5]), anomaly_map=anomaly_map))
     assert out.pred_score.tolist() == [1.5, 2.5]  # not normalised

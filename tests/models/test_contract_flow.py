@@ -18,13 +18,18 @@ from anomalib import LearningType
 from anomalib.data import MVTecAD
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
-from conftest import PROJECT_ROOT, assert_export_equals_torch, assert_reloads_identically, export_every_kind
-from conftest import assert_torch_inferencer_matches
 
 import anomalib_zsad.models as plugin_models
 from anomalib_zsad.data import CrossDataset
 from anomalib_zsad.models.components.contract import IDENTITY_KEY
 from anomalib_zsad.models.components.lightning import PAPER_METRICS
+from conftest import (
+    PROJECT_ROOT,
+    assert_export_equals_torch,
+    assert_reloads_identically,
+    assert_torch_inferencer_matches,
+    export_every_kind,
+)
 
 MODELS = [getattr(plugin_models, name) for name in plugin_models.__all__]
 TINY = {"backbone": "zsad-tiny", "pretrained": None, "image_size": 64}

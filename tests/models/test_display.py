@@ -33,7 +33,7 @@ def drawn_levels(visualizer: ImageVisualizer, batch: ImageBatch) -> np.ndarray:
     return np.argmin(((row[:, None, :] - COLOURS[None]) ** 2).sum(-1), axis=1)
 
 
-def map_only(visualizer_class: type, **kwargs) -> ImageVisualizer:  # noqa: ANN003
+def map_only(visualizer_class: type, **kwargs) -> ImageVisualizer:
     return visualizer_class(fields=["anomaly_map"], overlay_fields=[("image", [])], field_size=(WIDTH, HEIGHT),
                             text_config={"enable": False}, **kwargs)
 
@@ -74,9 +74,9 @@ def test_display_follows_anomalib_normalisation_and_leaves_predictions_alone() -
 
 @pytest.mark.slow
 def test_engine_pictures_use_the_validation_range_and_metrics_do_not_change(demo_root: Path, tmp_path: Path) -> None:
-    from anomalib.engine import Engine  # noqa: PLC0415
+    from anomalib.engine import Engine
 
-    from anomalib_zsad.data import ZSADDemo  # noqa: PLC0415
+    from anomalib_zsad.data import ZSADDemo
 
     def test(visualizer: ImageVisualizer, root: Path) -> tuple[dict, AnomalyCLIP, Engine]:
         model = AnomalyCLIP(backbone="zsad-tiny", pretrained=None, image_size=64, visualizer=visualizer)  # seeded
@@ -93,7 +93,7 @@ def test_engine_pictures_use_the_validation_range_and_metrics_do_not_change(demo
 
     visualizer = model.visualizer
     assert visualizer.map_min < visualizer.map_max
-    assert visualizer.threshold == pytest.approx(float(model.post_processor._pixel_threshold))  # noqa: SLF001
+    assert visualizer.threshold == pytest.approx(float(model.post_processor._pixel_threshold))
     assert len(list((tmp_path / "ours").rglob("*.png"))) == len(list((tmp_path / "plain").rglob("*.png"))) > 0
 
     engine.trainer.save_checkpoint(tmp_path / "model.ckpt")

@@ -15,7 +15,6 @@ import pytest
 import torch
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
-from conftest import run_export
 from PIL import Image
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
@@ -26,6 +25,7 @@ from anomalib_zsad.models.components.export import (
     fixed_resize_size,
     with_export_resize,
 )
+from conftest import run_export
 
 MODEL_SIZE = 64
 SIZES = [(64, 64), (80, 96), (120, 90)]  # (height, width): the model size, larger, one side smaller
@@ -78,8 +78,8 @@ def test_export_takes_any_image_size(exported, kind: ExportType, height: int, wi
 @pytest.mark.slow
 def test_openvino_inferencer_predicts_an_image_file_of_another_size(exported, tmp_path: Path) -> None:
     """The documented call, ``inferencer.predict("image.png")``, on a PNG that is not 64x64."""
-    from anomalib.data.utils import read_image  # noqa: PLC0415
-    from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
+    from anomalib.data.utils import read_image
+    from anomalib.deploy import OpenVINOInferencer
 
     model, paths = exported
     pixels = np.random.default_rng(0).integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
@@ -99,7 +99,7 @@ def test_openvino_inferencer_predicts_an_image_file_of_another_size(exported, tm
 
 @pytest.mark.slow
 def test_onnx_input_names_its_dynamic_axes(exported) -> None:
-    import onnx  # noqa: PLC0415
+    import onnx
 
     _, paths = exported
     dims = onnx.load(str(paths[ExportType.ONNX]), load_external_data=False).graph.input[0].type.tensor_type.shape.dim

@@ -42,12 +42,12 @@ def install_pipeline(registry: dict | None = None, name: str = "benchmark") -> N
     It is a no-op when anomalib was installed without its pipelines (registry is ``None``).
     """
     if registry is None:
-        from anomalib.cli import pipelines  # noqa: PLC0415
+        from anomalib.cli import pipelines
 
         registry = pipelines.PIPELINE_REGISTRY
     if registry is None:
         return
-    from .pipeline import ZSADBenchmark  # noqa: PLC0415
+    from .pipeline import ZSADBenchmark
 
     registry[name] = ZSADBenchmark
 

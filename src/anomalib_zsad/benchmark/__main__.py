@@ -13,7 +13,7 @@ from jsonargparse import ArgumentParser
 
 def main(argv: list[str] | None = None) -> None:
     """Parse ``--config`` and run :class:`~anomalib_zsad.benchmark.pipeline.ZSADBenchmark`."""
-    from .pipeline import ZSADBenchmark  # noqa: PLC0415
+    from .pipeline import ZSADBenchmark
 
     parser: ArgumentParser = ZSADBenchmark.get_parser()
     ZSADBenchmark().run(parser.parse_args(sys.argv[1:] if argv is None else argv))

@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-
 from anomalib.engine import Engine
 from anomalib.models import AnomalibModule
+from lightning.pytorch import Callback, LightningModule, Trainer
 
-from anomalib_zsad.models.components.lightning import PAPER_METRIC_FIELDS as PAPER_METRICS
 from anomalib_zsad.models.components.lightning import paper_evaluator
 
 logger = logging.getLogger(__name__)
@@ -70,23 +68,24 @@ class InferenceTimer(Callback):
         self._start: float | None = None
         self._setup_start: float | None = None
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: ARG002
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Start the set-up clock."""
         if stage == "test":
             self._setup_start = time.perf_counter()
 
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: ARG002
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop the set-up clock."""
         if self._setup_start is not None:
             self.setup_seconds += time.perf_counter() - self._setup_start
             self._setup_start = None
 
-    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, *args: Any) -> None:  # noqa: ANN401, ARG002
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, *args: Any) -> None:  # noqa: ANN401
         """Start the batch clock (before the pre-processor's transform)."""
         _sync()
         self._start = time.perf_counter()
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any) -> None:  # noqa: ANN401, ARG002
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,  # noqa: ANN401
+                          *args: Any) -> None:  # noqa: ANN401
         """Stop the batch clock (before post-processing and metrics)."""
         _sync()
         if self._start is None:

@@ -32,15 +32,15 @@ from typing import Any
 
 import pandas as pd
 import torch
-from lightning import seed_everything
-
 from anomalib import LearningType
 from anomalib.callbacks import ModelCheckpoint
 from anomalib.pipelines.components import Job
+from lightning import seed_everything
 
 from anomalib_zsad.models.components import ZeroShotModuleMixin
+from anomalib_zsad.models.components.lightning import PAPER_METRIC_FIELDS as PAPER_METRICS
 
-from .evaluation import PAPER_METRICS, BenchmarkEngine, InferenceTimer, use_raw_scores
+from .evaluation import BenchmarkEngine, InferenceTimer, use_raw_scores
 from .report import write_report
 from .resolve import MODEL_NAMESPACES, build_datamodule, build_model, import_class
 
@@ -93,7 +93,8 @@ def select_train_data(train_data: dict | None, *target_names: str) -> dict | Non
     for name in target_names:
         if name and name in train_data:
             return train_data[name]
-    msg = f"train_data has no entry for target data set {' / '.join(n for n in target_names if n)!r} (keys: {sorted(train_data)})"
+    target = " / ".join(n for n in target_names if n)
+    msg = f"train_data has no entry for target data set {target!r} (keys: {sorted(train_data)})"
     raise KeyError(msg)
 
 
@@ -109,7 +110,8 @@ def regime_of(model: Any, train_data: dict | None) -> str:  # noqa: ANN401
 
 
 def _digest(*parts: Any) -> str:  # noqa: ANN401
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha1(  # noqa: S324  (a cache key, not security)
+        json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -223,7 +225,8 @@ class ZSADBenchmarkJob(Job):
         # Always test a fresh model with the trained weights, so the first category is evaluated
         # exactly like the ones that reuse the cache (no state left over from the aux set-up).
         model = self._fresh_model()
-        skipped = load_trained_state(model, torch.load(weights, map_location="cpu", weights_only=True), info["trainable"])
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        skipped = load_trained_state(model, state, info["trainable"])
         if skipped:
             logger.info("%s: recomputing %d set-up buffers for the target: %s", self.model_entry["name"],
                         len(skipped), skipped[:5])
@@ -245,7 +248,7 @@ class ZSADBenchmarkJob(Job):
         try:
             row.update(self._run(devices))
             row["status"] = "ok"
-        except Exception as error:  # noqa: BLE001 - one failed cell must not lose the others
+        except Exception as error:
             logger.exception("Benchmark cell %s / %s / %s failed", row["model"], row["dataset"], row["category"])
             row["status"] = f"failed: {type(error).__name__}: {error}"
             row["traceback"] = traceback.format_exc()
@@ -306,7 +309,7 @@ class ZSADBenchmarkJob(Job):
             raise BenchmarkFailedError(msg)
         run_dir = Path(results["run_dir"].iloc[0])
         paths = write_report(results, run_dir)
-        print(f"Benchmark results: {', '.join(str(p) for p in paths)}")  # noqa: T201
+        print(f"Benchmark results: {', '.join(str(p) for p in paths)}")
         failed = results[results["status"] != "ok"]
         if len(failed):
             lines = [f"{r.model} / {r.dataset} / {r.category}: {r.status}" for r in failed.itertuples()]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-
 from anomalib.pipelines import Benchmark
 from anomalib.pipelines.components.base import Runner
 from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .evaluation import PAPER_METRICS
+from anomalib_zsad.models.components.lightning import PAPER_METRIC_FIELDS as PAPER_METRICS
 
 METRICS: tuple[str, ...] = tuple(PAPER_METRICS)
 LABELS: dict[str, str] = {
@@ -105,9 +105,9 @@ def _markdown_table(frame: pd.DataFrame, digits: dict[str, int] | None = None) -
 def markdown_report(table: pd.DataFrame, rows: pd.DataFrame, title: str = "Benchmark results") -> str:
     """Per data set: the mean table (with timing), then one table per category."""
     lines = [f"# {title}", "",
-             "Metrics in percent, computed per category on raw (un-normalised) scores; "
-             "`mean` is the arithmetic mean over categories. `train_s` = total fit + set-up seconds "
-             "over the data set; `infer_ms/img` = pre-processing + forward per test image.", ""]
+             ("Metrics in percent, computed per category on raw (un-normalised) scores; "
+              "`mean` is the arithmetic mean over categories. `train_s` = total fit + set-up seconds "
+              "over the data set; `infer_ms/img` = pre-processing + forward per test image."), ""]
     failed = rows[rows["status"] != "ok"] if "status" in rows else rows.iloc[0:0]
     for dataset in table.columns.get_level_values("dataset").unique():
         sub = table[dataset]
@@ -127,16 +127,17 @@ def markdown_report(table: pd.DataFrame, rows: pd.DataFrame, title: str = "Bench
 
 def plot_heat_table(table: pd.DataFrame, path: Path, title: str = "Benchmark (mean over categories, %)") -> Path:
     """One heat table per data set: models x the six metrics (category means), values annotated."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    import numpy as np
 
     datasets = list(table.columns.get_level_values("dataset").unique())
     models = list(table.index)
     labels = [LABELS[m] for m in METRICS]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(1.2 * len(labels) * len(datasets) + 2.5, 0.5 * len(models) + 1.8),
+    size = (1.2 * len(labels) * len(datasets) + 2.5, 0.5 * len(models) + 1.8)
+    fig, axes = plt.subplots(1, len(datasets), figsize=size,
                              squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         values = table[dataset][MEAN][labels].to_numpy(dtype=float)

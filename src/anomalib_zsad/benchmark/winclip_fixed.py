@@ -34,10 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
-
 from anomalib.data.predict import PredictDataset
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -46,6 +42,9 @@ from anomalib.models.image.winclip.torch_model import TEMPERATURE, WinClipModel
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_zsad.clip import CLIP_MEAN, CLIP_STD
 
@@ -61,7 +60,7 @@ DEFAULT_PRETRAINED = "laion400m_e31"
 def _extra_architecture(backbone: str) -> dict | None:
     """The open_clip-format config of one of this package's small CLIPs, if ``backbone`` names one."""
     try:
-        from anomalib_zsad.clip.architecture import EXTRA_ARCHITECTURES  # noqa: PLC0415
+        from anomalib_zsad.clip.architecture import EXTRA_ARCHITECTURES
     except ImportError:  # the CLIP layer is optional for this module
         return None
     config = EXTRA_ARCHITECTURES.get(backbone)
@@ -74,7 +73,7 @@ def clip_input_size(backbone: str, image_size: int | None = None) -> int:
         return int(image_size)
     config = _extra_architecture(backbone)
     if config is None:
-        import open_clip  # noqa: PLC0415
+        import open_clip
 
         config = open_clip.get_model_config(backbone)
         if config is None:
@@ -86,7 +85,7 @@ def clip_input_size(backbone: str, image_size: int | None = None) -> int:
 
 def build_open_clip(backbone: str, pretrained: str | None, image_size: int | None) -> nn.Module:
     """An open_clip ``CLIP`` for WinCLIP: named (optionally pretrained) or a small random one."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     config = _extra_architecture(backbone)
     if config is not None:
@@ -126,7 +125,8 @@ class WinClipFixedModel(WinClipModel):
         self.k_shot = 0
         self.clip = build_open_clip(backbone, pretrained, image_size)
         self.clip.visual.output_tokens = True
-        self._transform = Compose([Resize((clip_input_size(backbone, image_size),) * 2), Normalize(CLIP_MEAN, CLIP_STD)])
+        side = clip_input_size(backbone, image_size)
+        self._transform = Compose([Resize((side, side)), Normalize(CLIP_MEAN, CLIP_STD)])
         self.grid_size = self.clip.visual.grid_size
         if min(self.grid_size) < max(self.scales):
             msg = f"CLIP patch grid {self.grid_size} is smaller than the largest window scale {max(self.scales)}"

@@ -14,7 +14,7 @@ EOT_TOKEN = 49407
 
 @lru_cache(maxsize=1)
 def _tokenizer():  # noqa: ANN202
-    from open_clip.tokenizer import SimpleTokenizer  # noqa: PLC0415
+    from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer()
 

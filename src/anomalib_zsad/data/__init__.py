@@ -63,8 +63,8 @@ def __dir__() -> list[str]:
 
 def activate() -> None:
     """Import the datamodules, so jsonargparse finds them by short name. Changes nothing in anomalib."""
-    from anomalib_zsad.data.cross_dataset import CrossDataset  # noqa: F401, PLC0415
-    from anomalib_zsad.data.demo_datamodule import ZSADDemo  # noqa: F401, PLC0415
+    from anomalib_zsad.data.cross_dataset import CrossDataset
+    from anomalib_zsad.data.demo_datamodule import ZSADDemo
 
 
 if "anomalib.data" in sys.modules:  # anomalib's import cost is already paid

@@ -105,7 +105,7 @@ def _write_category(out: Path, category: str, params: dict, textures: dict[str, 
             _save(_to_uint8(_random_view(texture, size, rng)), out / category / split / "good" / f"{i:03d}.png")
             count += 1
     defects = params["defect_types"]
-    per_defect = {d: 0 for d in defects}
+    per_defect = dict.fromkeys(defects, 0)
     for i in range(params["n_test_defect"]):
         defect = defects[i % len(defects)]
         foreign = _random_view(textures[others[int(rng.integers(0, len(others)))]], size, rng)
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
     except DatasetError as error:
         parser.exit(2, f"error: {error}\n")
-    print(root)  # noqa: T201 - the CLI's output is the path
+    print(root)
     return root
 
 

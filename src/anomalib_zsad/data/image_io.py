@@ -153,7 +153,7 @@ def jpeg_damage(data: bytes) -> str | None:
     ``None`` also when OpenCV is not importable (the check is then skipped).
     """
     try:
-        import cv2  # noqa: PLC0415
+        import cv2
     except ImportError:
         return None
     with _CAPTURE_LOCK:
@@ -230,7 +230,7 @@ class _WideAwarePIL:
         return getattr(Image, name)
 
     @staticmethod
-    def open(fp, *args, **kwargs) -> Image.Image:  # noqa: ANN001, ANN002, ANN003
+    def open(fp, *args, **kwargs) -> Image.Image:  # noqa: ANN001
         image = Image.open(fp, *args, **kwargs)
         if image.mode.startswith("I") or image.mode == "F":
             with image:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_parity_set
 
 from anomalib_zsad.clip import ClipModel, load_clip
 from anomalib_zsad.models.aa_clip import AACLIPModel, load_official_checkpoint
+from conftest import require_parity_set
 
 
 @pytest.fixture(scope="module")

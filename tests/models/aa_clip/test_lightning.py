@@ -42,7 +42,7 @@ def test_fit_test_predict(demo_root: Path, tmp_path: Path) -> None:
     stages = []
     original = model.training_step
 
-    def spy(batch, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def spy(batch, *args, **kwargs):
         stages.append(model.stage)
         return original(batch, *args, **kwargs)
 

@@ -10,11 +10,10 @@ import torch.nn.functional as F  # noqa: N812
 
 from anomalib_zsad.clip import ClipModel, load_clip, tokenize
 from anomalib_zsad.models.aa_clip.adapters import AdapterHook, residual_adapt
-from anomalib_zsad.models.components.class_names import class_name_from_path
 from anomalib_zsad.models.aa_clip.loss import AACLIPLoss
 from anomalib_zsad.models.aa_clip.prompts import describe_class, state_sentences
 from anomalib_zsad.models.aa_clip.torch_model import AACLIPModel, default_levels
-
+from anomalib_zsad.models.components.class_names import class_name_from_path
 
 SIZE = 112  # 7 x 7 patches of the tiny CLIP (pos-embed resized): fast, and not the native grid
 

@@ -9,11 +9,11 @@ import torch
 from anomalib import LearningType
 from anomalib.data import ImageBatch, MVTecAD
 from anomalib.engine import Engine
-from conftest import assert_reloads_identically
 
 from anomalib_zsad.data import CrossDataset
 from anomalib_zsad.models.bayes_pfl import BayesPFL, save_official_checkpoint
 from anomalib_zsad.models.components.lightning import PAPER_METRICS
+from conftest import assert_reloads_identically
 
 SMALL = {"num_samples": 2, "num_flows": 2, "prompt_num": 2, "topk": 20}
 

@@ -58,6 +58,6 @@ def test_few_shot_memory_from_the_target_train_split(demo_root: Path, tmp_path: 
 
 def test_few_shot_references_come_from_the_target_train_split(demo_root: Path) -> None:
     """With CrossDataset the datamodule's train split is the auxiliary data: not a memory source."""
-    split = Vand._target_train_split(_cross(demo_root))  # noqa: SLF001
+    split = Vand._target_train_split(_cross(demo_root))
     paths = [Path(p) for p in split.samples.image_path]
     assert paths and all(p.parts[-4:-1] == ("grass", "train", "good") for p in paths)

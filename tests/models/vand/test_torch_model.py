@@ -15,7 +15,6 @@ from anomalib_zsad.clip.prompts import (
 )
 from anomalib_zsad.models.vand import VandLoss, VandModel, default_feature_layers, official_few_shot_scores
 
-
 _TEXT_CACHE: dict[str, torch.Tensor] = {}
 
 
@@ -25,7 +24,7 @@ def model(tiny_clip: ClipModel) -> VandModel:
     torch.manual_seed(0)
     vand = VandModel(tiny_clip, class_name="bottle")
     cache = vand.text_cache  # a frozen text side: its entries only depend on the device
-    cache._entries, cache._key = _TEXT_CACHE, cache._state_key(cache.frozen.device)  # noqa: SLF001
+    cache._entries, cache._key = _TEXT_CACHE, cache._state_key(cache.frozen.device)
     return vand
 
 
@@ -107,11 +106,11 @@ def test_stored_text_features_until_the_class_changes(model: VandModel, images: 
     model.freeze_text_features()
     stored = model.text_cache.frozen.clone()
     computed = []
-    model.text_cache._compute = lambda name: computed.append(name)  # noqa: SLF001  (must not run)
+    model.text_cache._compute = lambda name: computed.append(name)
     model(images)
     torch.testing.assert_close(model.inference_text_features(), stored)
     assert computed == []  # frozen features never go back to the text tower
-    model.text_cache._compute = model._ensemble_text_features  # noqa: SLF001
+    model.text_cache._compute = model._ensemble_text_features
     model.set_class_name("screw")
     assert not model.text_cache.is_frozen
     assert not torch.allclose(model.inference_text_features(), stored)

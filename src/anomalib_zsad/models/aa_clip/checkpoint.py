@@ -11,8 +11,8 @@ checkpoint cannot run code.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -42,7 +42,8 @@ def _expand(path: Path) -> list[Path]:
 
 
 def _read(path: Path) -> dict:
-    content = load_official_file(path, "AA-CLIP", 'a file saved by the official train.py (text_adapter.pth or image_adapter_<epoch>.pth)')
+    expected = "a file saved by the official train.py (text_adapter.pth or image_adapter_<epoch>.pth)"
+    content = load_official_file(path, "AA-CLIP", expected)
     if not isinstance(content, dict) or not any(part in content for part in _PARTS):
         keys = list(content)[:6] if isinstance(content, dict) else type(content).__name__
         msg = (f"{path} is not an official AA-CLIP checkpoint: expected a dict with a 'text_adapter' or "

@@ -47,7 +47,8 @@ def official_metrics(preds: torch.Tensor, scores: torch.Tensor, masks: torch.Ten
     labels_np = labels.numpy().astype(int)
     if len(np.unique(labels_np)) > 1:
         final = official_image_scores(preds, scores, domain).numpy()
-        row.update({"image AUC": roc_auc_score(labels_np, final), "image AP": average_precision_score(labels_np, final)})
+        row.update({"image AUC": roc_auc_score(labels_np, final),
+                    "image AP": average_precision_score(labels_np, final)})
     else:
         row.update({"image AUC": 0, "image AP": 0})
     return {key: round(value, 4) * 100 for key, value in row.items()}

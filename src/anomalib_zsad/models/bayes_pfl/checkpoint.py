@@ -81,7 +81,8 @@ def load_official_checkpoint(model: BayesPFLModel, path: str | os.PathLike, infe
     if missing or unexpected:
         msg = (f"{path} does not match Bayes-PFL's official checkpoint layout: missing {len(missing)} keys "
                f"{missing[:6]}, unexpected {len(unexpected)} keys {unexpected[:6]}. Expected "
-               f"{len(expected)} tensors such as 'prompt_context', 'PFL_context.amor_u.weight', 'RCA.q_proj_pre.weight'.")
+               f"{len(expected)} tensors such as 'prompt_context', 'PFL_context.amor_u.weight', "
+               "'RCA.q_proj_pre.weight'.")
         raise ValueError(msg)
     wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items()
              if state[k].shape != v.shape]

@@ -55,4 +55,5 @@ def non_finite_tensors(content: Any, prefix: str = "") -> list[str]:  # noqa: AN
         items = enumerate(content)
     else:
         return []
-    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+    return [name for key, value in items
+            for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]

@@ -1,9 +1,9 @@
 """Each image's class name, read from its path, for the methods whose prompts name the object.
 
-The official AdaCLIP, AA-CLIP and Bayes-PFL code put each image's class name into their prompts (``"a bad photo of a damaged
-candle."``), also when training on all categories of an auxiliary data set. anomalib batches carry
-no category, but their ``image_path`` does: MVTec AD layout ``<root>/<category>/{train,test}/...``
-and VisA layout ``<root>/<category>/Data/Images/...``.
+The official AdaCLIP, AA-CLIP and Bayes-PFL code put each image's class name into their prompts
+(``"a bad photo of a damaged candle."``), also when training on all categories of an auxiliary
+data set. anomalib batches carry no category, but their ``image_path`` does: MVTec AD layout
+``<root>/<category>/{train,test}/...`` and VisA layout ``<root>/<category>/Data/Images/...``.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class ArgumentCheck:
 
     def image_size(self, image_size: Any, patch_size: int | None) -> None:  # noqa: ANN401
         sides = [image_size] * 2 if isinstance(image_size, int) else list(image_size or [])
-        valid = len(sides) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in sides)  # noqa: PLR2004
+        valid = len(sides) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in sides)
         smallest = patch_size or 1
         if not valid or min(sides) < smallest:
             self.problems.append(f"image_size must be a side or [height, width] of at least one patch "
@@ -315,6 +315,12 @@ class ModelContract:
             fresh = self.configure_pre_processor(self.settings["image_size"])
             self.pre_processor.transform = fresh.transform
             self.pre_processor.export_transform = fresh.export_transform
+            # anomalib's datamodule copied the model's Resize into its datasets when it was set up,
+            # before the checkpoint was read: give them the new one (else images are resized twice).
+            trainer = getattr(self, "_trainer", None)
+            update = getattr(getattr(trainer, "datamodule", None), "_update_augmentations", None)
+            if callable(update):
+                update()
         if rebuild:
             self.__dict__["_modules"].pop("model", None)
             self.build()

@@ -61,7 +61,7 @@ def fixed_resize_size(transform: Any) -> tuple[int, int] | None:  # noqa: ANN401
     """The (height, width) every image is resized to by ``transform``, or None when it has no
     ``Resize`` or one whose output size depends on the input (one side given, or ``max_size``)."""
     resizes = _resizes(transform)
-    if not resizes or any(r.size is None or len(r.size) != 2 or r.max_size is not None for r in resizes):  # noqa: PLR2004
+    if not resizes or any(r.size is None or len(r.size) != 2 or r.max_size is not None for r in resizes):
         return None
     return tuple(resizes[-1].size)
 

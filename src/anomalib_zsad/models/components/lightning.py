@@ -29,8 +29,8 @@ import torch
 from anomalib import LearningType
 from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 from anomalib.post_processing import PostProcessor
-from lightning.pytorch.callbacks import Timer
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
@@ -176,7 +176,7 @@ class ZeroShotModuleMixin(ModelContract):
     def configure_visualizer(cls) -> Any:  # noqa: ANN401
         """anomalib's image visualizer, with the drawn maps (not the metrics' ones) brought to [0, 1]
         by the model's validation range and pixel threshold (:mod:`.display`)."""
-        from .display import ZeroShotVisualizer  # noqa: PLC0415
+        from .display import ZeroShotVisualizer
 
         return ZeroShotVisualizer()
 
@@ -200,7 +200,7 @@ class ZeroShotModuleMixin(ModelContract):
             mask = mask[:, 0]
         return (mask > 0.5).float()
 
-    def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401, ARG002
+    def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
         """Per-image class names for models whose prompts name the object; None: the model's own."""
         return None
 
@@ -232,7 +232,7 @@ class ZeroShotModuleMixin(ModelContract):
         """anomalib's export, with the input's height and width dynamic: the pre-processor's resize
         in the graph brings any image to the model size (:mod:`.export`); ``input_size`` only sets
         the probe image."""
-        from .export import any_size_export  # noqa: PLC0415
+        from .export import any_size_export
 
         self._freeze_for_export()
         with any_size_export(self, kwargs) as onnx_kwargs:

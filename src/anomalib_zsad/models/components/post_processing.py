@@ -17,7 +17,7 @@ class RawScorePostProcessor(PostProcessor):
     """anomalib's post-processor whose labels and masks compare raw scores with raw thresholds
     when normalisation is off (with normalisation on it is anomalib's, unchanged)."""
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         kwargs.setdefault("enable_normalization", False)
         super().__init__(**kwargs)
 

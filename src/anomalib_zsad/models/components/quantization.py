@@ -45,7 +45,7 @@ def embedding_comparisons(model: ov.Model) -> list[str]:
 
 def quantization_arguments(model: ov.Model) -> dict[str, Any]:
     """Keyword arguments for ``nncf.quantize`` on an exported CLIP model (see the module docstring)."""
-    import nncf  # noqa: PLC0415
+    import nncf
 
     return {
         "model_type": nncf.ModelType.TRANSFORMER,
@@ -56,7 +56,7 @@ def quantization_arguments(model: ov.Model) -> dict[str, Any]:
 
 def quantize_ov_model(model: ov.Model, calibration_batches: Any) -> ov.Model:  # noqa: ANN401
     """NNCF post-training INT8 of ``model`` on an iterable of image batches (values in [0, 1])."""
-    import nncf  # noqa: PLC0415
+    import nncf
 
     dataset = nncf.Dataset(calibration_batches, lambda batch: batch.image if hasattr(batch, "image") else batch)
     return nncf.quantize(model, dataset, **quantization_arguments(model))

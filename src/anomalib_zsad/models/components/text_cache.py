@@ -64,7 +64,7 @@ class TextFeatureCache(nn.Module):
     def is_frozen(self) -> bool:
         return self._is_frozen
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202, FBT002
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         """A move to another device or dtype invalidates what was computed (the key has the device)."""
         self._entries, self._key = {}, None
         return super()._apply(fn, recurse)

@@ -29,7 +29,8 @@ def _expected_shapes(model: VandModel) -> dict[str, tuple[int, ...]]:
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The linear layers' state dict in an official file, or a ``ValueError`` naming the file."""
     path = Path(path).expanduser()
-    content = load_official_file(path, "VAND", "an official file, {'trainable_linearlayer': state_dict} as train.py saves it")
+    content = load_official_file(path, "VAND",
+                                 "an official file, {'trainable_linearlayer': state_dict} as train.py saves it")
     if not isinstance(content, Mapping) or CHECKPOINT_KEY not in content:
         found = sorted(content)[:8] if isinstance(content, Mapping) else type(content).__name__
         msg = (f"{path} is not an official VAND checkpoint: expected a dict with key '{CHECKPOINT_KEY}' "

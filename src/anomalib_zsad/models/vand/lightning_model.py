@@ -40,7 +40,7 @@ def class_name_from_path(path: str | os.PathLike, default: str) -> str:
     class, but their paths do in these layouts. Any other layout gives ``default``.
     """
     parents = Path(path).parents
-    if len(parents) > 3 and parents[1].name in {"train", "test"}:  # noqa: PLR2004
+    if len(parents) > 3 and parents[1].name in {"train", "test"}:
         return parents[2].name.replace("_", " ")
     return default
 
@@ -115,7 +115,8 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        official_checkpoint = renamed_argument("Vand", "official_checkpoint", official_checkpoint, checkpoint=checkpoint)
+        official_checkpoint = renamed_argument("Vand", "official_checkpoint", official_checkpoint,
+                                               checkpoint=checkpoint)
         class_name = class_name or "auto"  # None was the old spelling of "auto"
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
@@ -199,7 +200,8 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
         if isinstance(category, str) and category and "+" not in category:
             return category.replace("_", " ")
         # Pooled categories (``a+b``) or none: per-image names from the paths where possible.
-        self._per_image_classes = self.settings["class_names_from_paths"] and isinstance(category, str) and "+" in category
+        pooled = isinstance(category, str) and "+" in category
+        self._per_image_classes = self.settings["class_names_from_paths"] and pooled
         return "object"
 
     def _reference_images(self) -> torch.Tensor:
