@@ -49,7 +49,7 @@ def build_model(args: argparse.Namespace):
 
     model_class = getattr(anomalib_zsad.models, args.model)
     model = model_class(backbone=args.backbone, pretrained=None, image_size=args.image_size).eval()
-    if args.model == "AnomalyCLIP":  # QuickGELU, as with OpenAI's weights and as its official code always does
+    if args.model in {"AnomalyCLIP", "GlocalCLIP"}:  # QuickGELU, as OpenAI's weights and their official code
         model.model.clip.set_activation("quick_gelu")
     return model
 
