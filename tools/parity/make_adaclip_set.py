@@ -150,7 +150,7 @@ def make_images(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_visa(root: Path, images: np.ndarray, masks: np.ndarray) -> None:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     visa = root / "VisA_20220922"
     entries = []
@@ -178,7 +178,7 @@ def sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- patches
 def install_stubs(record: dict) -> None:
     """Modules the official code imports but this environment lacks (README section 8, item 2)."""
-    from packaging import version  # noqa: PLC0415
+    from packaging import version
 
     pkg = types.ModuleType("pkg_resources")
     pkg.packaging = types.SimpleNamespace(version=version)
@@ -224,7 +224,7 @@ def patched(obj, name: str, make):
 
 
 # ----------------------------------------------------------------------------- the run
-def main() -> None:  # noqa: C901, PLR0915
+def main() -> None:  # noqa: C901
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, required=True, help="export of the official repository (commit e27ee32)")
     parser.add_argument("--out", type=Path, required=True, help="set root: the files go to <out>/adaclip")
@@ -244,7 +244,7 @@ def main() -> None:  # noqa: C901, PLR0915
     shutil.copytree(args.src, src)
     bpe = args.bpe
     if bpe is None:
-        import open_clip  # noqa: PLC0415
+        import open_clip
 
         bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     if sha256(bpe) != BPE_SHA256:
@@ -270,15 +270,17 @@ def main() -> None:  # noqa: C901, PLR0915
     install_stubs(record)
     sys.path.insert(0, str(src))
     os.chdir(run_dir)
-    import dataset.base_dataset as base_dataset  # noqa: PLC0415
-    import method.adaclip as adaclip  # noqa: PLC0415
-    import method.custom_clip as custom_clip  # noqa: PLC0415
-    import method.trainer as trainer_module  # noqa: PLC0415
-    import sklearn.cluster  # noqa: PLC0415
-    from loss import BinaryDiceLoss, FocalLoss  # noqa: PLC0415
+    import method.trainer as trainer_module
+    import sklearn.cluster
+    from dataset import base_dataset
+    from loss import BinaryDiceLoss, FocalLoss
+    from method import (
+        adaclip,
+        custom_clip,
+    )
 
     custom_clip.add_model_config(config_path)
-    custom_clip.download_pretrained_from_url = lambda url, cache_dir=None: str(archive)
+    custom_clip.download_pretrained_from_url = lambda _url, cache_dir=None: str(archive)  # noqa: ARG005
     base_dataset.Image = LegacyImage(base_dataset.Image)
 
     features_list = [6, 12, 18, 24]
@@ -526,7 +528,6 @@ def main() -> None:  # noqa: C901, PLR0915
               "gt_masks": torch.stack([(it[2][0] > 0.5).to(torch.uint8) for it in items]),
               "meta": {"cls_name": CLASS, "seed": args.seed + 2}}
     first = runs[0]
-    n_normal = first["text"][0][0].shape[0]
     trainer = state["trainers"][0]
     gauss = record["gaussian"][:n_images]
     outputs = {
@@ -539,18 +540,18 @@ def main() -> None:  # noqa: C901, PLR0915
         "text_features": torch.cat([r["text_features"] for r in runs]),
         "image_features_unnormalized": torch.cat([r["pooled"] for r in runs]),
         "patch_embedding_sub": torch.cat([r["patch_embedding"][:, token_index] for r in runs]),
-        "patch_tokens_raw_sub": torch.stack([torch.cat([r["tokens"][l][:, token_index] for r in runs])
-                                             for l in range(4)]),
+        "patch_tokens_raw_sub": torch.stack([torch.cat([r["tokens"][layer][:, token_index] for r in runs])
+                                             for layer in range(4)]),
         "cls_token_projected": torch.cat([r["cls_proj"] for r in runs]),
-        "patch_tokens_projected_sub": torch.stack([torch.cat([r["patch_proj"][l][:, token_index[1:] - 1] for r in runs])
-                                                   for l in range(4)]),
-        "patch_logits": torch.stack([torch.cat([r["logits"][l] for r in runs]) for l in range(4)]),
+        "patch_tokens_projected_sub": torch.stack([torch.cat([r["patch_proj"][layer][:, token_index[1:] - 1] for r in runs])
+                                                   for layer in range(4)]),
+        "patch_logits": torch.stack([torch.cat([r["logits"][layer] for r in runs]) for layer in range(4)]),
         "hsf_kmeans_input": torch.stack([r["kmeans"][0][0] for r in runs]),
         "hsf_kmeans_labels": torch.stack([r["kmeans"][0][1] for r in runs]),
         "hsf_clustered_feature": torch.cat([r["hsf"][0] for r in runs]),
         "anomaly_score": torch.cat([r["similarity_out"][1] for r in runs]),
-        "patch_logits_upsampled_sub": torch.stack([torch.cat([r["upsampled"][l][:, :, up_index][:, :, :, up_index]
-                                                              for r in runs]) for l in range(4)]),
+        "patch_logits_upsampled_sub": torch.stack([torch.cat([r["upsampled"][layer][:, :, up_index][:, :, :, up_index]
+                                                              for r in runs]) for layer in range(4)]),
         "anomaly_map": torch.stack([torch.from_numpy(g[0]) for g in gauss]),
         "anomaly_map_gaussian": torch.stack([torch.from_numpy(g[1]) for g in gauss]),
         "gauss_kwargs": dict(gauss[0][2]),

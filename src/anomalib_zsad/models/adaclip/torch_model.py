@@ -16,7 +16,7 @@ Data flow of the official code at commit e27ee32 (see README.md for every differ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -167,8 +167,8 @@ class AdaCLIPModel(nn.Module):
         ids = torch.stack([self.sentence_tokens(name) for name in class_names])
         return ids[..., : self.used_context(ids)].to(self.token_ids.device)
 
-    def _prompt_tokens(self, static: StaticPrompts | None, dynamic: torch.Tensor | None, block: int
-                       ) -> torch.Tensor:
+    def _prompt_tokens(self, static: StaticPrompts | None, dynamic: torch.Tensor | None, block: int,
+                       round_fp16: bool | None = None) -> torch.Tensor:
         """``dynamic + static[block]`` ([B, P, W] or [P, W]), rounded to fp16 values officially."""
         if static is None:
             tokens = dynamic
@@ -176,7 +176,8 @@ class AdaCLIPModel(nn.Module):
             tokens = static[block]
         else:
             tokens = dynamic + static[block].to(dynamic.dtype)
-        return tokens.half().to(tokens.dtype) if self.round_prompts_to_fp16 else tokens
+        round_fp16 = self.round_prompts_to_fp16 if round_fp16 is None else round_fp16
+        return tokens.half().to(tokens.dtype) if round_fp16 else tokens
 
     def dynamic_prompts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """-> (frozen image embedding [B, E], dynamic visual [B, P, Cv], dynamic text [B, P, Ct])."""
@@ -218,11 +219,16 @@ class AdaCLIPModel(nn.Module):
         deep: dict[int, torch.Tensor] = {}
         if self.text_prompts_on and (self.text_prompter is not None or dynamic is not None):
             for block in range(1, self.prompt_depth):  # block 0 is not prompted (static[0] is unused)
-                tokens = self._prompt_tokens(self.text_prompter, dynamic, block)
+                # Not rounded here: the official code rounds the prompts of every *sentence* to fp16
+                # (``.half()`` on the [sentences, P, C] tokens), so in backward each sentence's gradient
+                # is rounded before the sum over sentences. Rounding once before the expansion gives
+                # the same values but rounds only the summed gradient.
+                tokens = self._prompt_tokens(self.text_prompter, dynamic, block, round_fp16=False)
                 tokens = tokens.expand(batch, -1, -1) if tokens.dim() == 2 else tokens
-                deep[block] = tokens[:, None].expand(-1, sentences, -1, -1).reshape(batch * sentences, *tokens.shape[1:])
-        # The rounding is done above already (also for the static-only case); no second rounding.
-        embeddings = text(text.token_embedding(ids), eot, deep_prompts=deep or None).reshape(batch, sentences, -1)
+                tokens = tokens[:, None].expand(-1, sentences, -1, -1)
+                deep[block] = tokens.reshape(batch * sentences, *tokens.shape[2:])
+        embeddings = text(text.token_embedding(ids), eot, deep_prompts=deep or None,
+                          round_deep_prompts_to_fp16=self.round_prompts_to_fp16).reshape(batch, sentences, -1)
         normalised = F.normalize(embeddings.float(), dim=-1)
         n_normal = len(self.states[0]) * len(self.templates)
         means = torch.stack([normalised[:, :n_normal].mean(1), normalised[:, n_normal:].mean(1)], dim=1)
@@ -231,9 +237,10 @@ class AdaCLIPModel(nn.Module):
 
     # ------------------------------------------------------------------ heads
     def compute(self, images: torch.Tensor, class_names: Sequence[str] | None = None,
-                hsf_labels: torch.Tensor | None = None) -> AdaCLIPOutput:
+                hsf_labels: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None) -> AdaCLIPOutput:
         """Run everything up to the patch logits and the image probabilities, with autograd for
-        the learnable parts. ``hsf_labels`` [B, n] replaces the k-means labels (parity tests)."""
+        the learnable parts. ``hsf_labels`` [B, n] (or a function of the k-means input [B, n, L*E])
+        replaces the k-means labels (parity tests)."""
         batch = images.shape[0]
         frozen, dyn_visual, dyn_text = self.dynamic_prompts(images)
         pooled, tokens = self.encode_image(images, dyn_visual)
@@ -242,7 +249,8 @@ class AdaCLIPModel(nn.Module):
             self.patch_token_layer.head, tokens, strict=True)]
         cls = F.normalize(self.cls_token_layer.head[0](pooled), dim=-1)
         text_t = text.transpose(1, 2).to(cls.dtype)
-        logits = [self.logit_scale * torch.bmm(patch, text_t.to(patch.dtype)) for patch in patches]
+        # (scale * features) @ text, in this order as officially (``100.0 * x @ t`` binds so).
+        logits = [torch.bmm(self.logit_scale * patch, text_t.to(patch.dtype)) for patch in patches]
         hsf_input = hsf_feature = None
         if self.hsf is not None:
             selected = self.hsf.select(patches, logits)
@@ -251,7 +259,7 @@ class AdaCLIPModel(nn.Module):
             hsf_input = torch.cat(selected, dim=-1)
         else:
             fused, hsf_labels = cls, None
-        probs = (self.logit_scale * torch.bmm(fused[:, None], text_t))[:, 0].softmax(-1)
+        probs = torch.bmm(self.logit_scale * fused[:, None], text_t)[:, 0].softmax(-1)
         return AdaCLIPOutput(frozen, dyn_visual, dyn_text, tokens, pooled, embeddings, text, patches, cls, logits,
                              hsf_input, hsf_labels, hsf_feature, probs, self.grid_size(images))
 
@@ -277,7 +285,8 @@ class AdaCLIPModel(nn.Module):
         return (probs[:, 1] + 1 - probs[:, 0]) / 2
 
     def training_outputs(self, images: torch.Tensor, class_names: Sequence[str] | None = None,
-                         hsf_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], AdaCLIPOutput]:
+                         hsf_labels: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, list[torch.Tensor], AdaCLIPOutput]:
         """-> (image probabilities [B, 2], per-layer softmax maps [B, 2, H, W], all pieces)."""
         output = self.compute(images, class_names, hsf_labels)
         maps = [up.softmax(1) for up in self.upsampled_logits(output, images.shape[-2:])]
