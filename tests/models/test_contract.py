@@ -79,6 +79,8 @@ def test_image_size_off_the_patch_grid_warns(model_class: type) -> None:
     ("Vand", {"k_shot": -1, "feature_layers": [0]}, ("k_shot", "feature_layers")),
     ("AACLIP", {"levels": [7], "image_score": "mean", "blur_sigma": 0}, ("levels", "image_score", "blur_sigma")),
     ("BayesPFL", {"feature_layers": [5], "num_samples": 0, "score_alpha": 1.5}, ("feature_layers", "num_samples", "score_alpha")),
+    ("CLIPBaseline", {"prompts": "winclip", "feature_layers": [5], "temperature": 0}, ("prompts", "feature_layers", "temperature")),
+    ("CoOp", {"n_ctx": 0, "lam": -1, "dpam_start": 9}, ("n_ctx", "lam", "dpam_start")),
 ])
 def test_model_specific_arguments_are_checked(model_class: str, arguments: dict, named: tuple) -> None:
     with pytest.raises(ValueError) as error:
@@ -89,9 +91,11 @@ def test_model_specific_arguments_are_checked(model_class: str, arguments: dict,
 
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_non_finite_official_weights_are_refused(model_class: type, tmp_path: Path) -> None:
+    """Refused at construction, naming the problem: NaN/Inf values, or any file for a model with
+    nothing learnt (no official weights exist)."""
     path = tmp_path / "official.pth"
     torch.save({"prompt_learner": {"ctx_pos": torch.tensor([1.0, float("nan")])}, "head.weight": torch.ones(2)}, path)
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="NaN or Inf" if model_class.has_learnt_parts else "no official weights"):
         model_class(**TINY, official_checkpoint=path)
 
 
@@ -156,6 +160,14 @@ def test_weights_file_identity_is_its_content(tmp_path: Path) -> None:
 def test_paper_epochs_unless_the_user_gives_a_limit(model_class: type) -> None:
     model = model_class(**TINY)
     paper = model.default_max_epochs()
+    if not model_class.has_learnt_parts:  # nothing to train: Lightning's settings are left alone
+        assert paper is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.trainer = Trainer(logger=False, enable_checkpointing=False)
+        model.use_paper_epochs()
+        assert model.trainer.fit_loop.max_epochs in (None, 1000)
+        return
     assert paper and paper < 1000
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -171,8 +183,17 @@ def test_paper_epochs_unless_the_user_gives_a_limit(model_class: type) -> None:
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_untrained_learnt_parts_warn_at_inference(model_class: type, caplog: pytest.LogCaptureFixture) -> None:
     model = model_class(**TINY)
+    if not model_class.has_learnt_parts:  # nothing to learn: ready as it is, nothing to warn about
+        with caplog.at_level("WARNING"):
+            model.ready_for_inference()
+        assert "never trained" not in caplog.text
+        return
     with caplog.at_level("WARNING"):
         model.ready_for_inference()
+    assert "never trained nor loaded" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model_class(**TINY)._freeze_for_export()  # what every export runs first
     assert "never trained nor loaded" in caplog.text
     caplog.clear()
     trained = model_class(**TINY)

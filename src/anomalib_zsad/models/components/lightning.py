@@ -54,6 +54,7 @@ PAPER_METRIC_FIELDS: dict[str, tuple[type, list[str]]] = {
 PAPER_METRICS = tuple(PAPER_METRIC_FIELDS)
 FROZEN_PREFIX = "model.clip."
 LIGHTNING_FALLBACK_EPOCHS = 1000  # what Lightning trains when no limit is given
+ONNX_OPSET = 18  # the opset torch.onnx's dynamo exporter builds
 
 
 def clip_pre_processor(image_size: int | Sequence[int] = 518) -> PreProcessor:
@@ -107,6 +108,10 @@ class ZeroShotModuleMixin(ModelContract):
         post = getattr(self, "post_processor", None)
         threshold = getattr(post, "image_threshold", None)
         thresholds_known = threshold is not None and not torch.isnan(torch.as_tensor(threshold)).any()
+        # A threshold source that needs no validation (normal images, fixed values: components/thresholds.py)
+        # computes its thresholds itself: test/predict need no validation run (a folder of images has none).
+        if getattr(post, "thresholds_need_validation", True) is False:
+            thresholds_known = True
         return LearningType.ONE_CLASS if thresholds_known else LearningType.ZERO_SHOT
 
     @property
@@ -219,7 +224,9 @@ class ZeroShotModuleMixin(ModelContract):
         return self.validation_step(batch, *args, **kwargs)
 
     def _freeze_for_export(self) -> None:
-        """Text features become a constant buffer: no tokenizer and no text tower get exported."""
+        """Text features become a constant buffer: no tokenizer and no text tower get exported.
+        An export of learnt parts that were never learnt says so, as test and predict do."""
+        self.ready_for_inference()
         freeze = getattr(self.model, "freeze_text_features", None)
         if freeze is not None:
             freeze()
@@ -235,6 +242,9 @@ class ZeroShotModuleMixin(ModelContract):
         from .export import any_size_export
 
         self._freeze_for_export()
+        # The dynamo exporter builds opset 18; anomalib asks for 14, and converting these graphs down
+        # fails (torch then logs the converter's traceback and keeps 18). Ask for 18 from the start.
+        kwargs.setdefault("opset_version", ONNX_OPSET)
         with any_size_export(self, kwargs) as onnx_kwargs:
             return super().to_onnx(*args, **onnx_kwargs)
 
