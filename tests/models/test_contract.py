@@ -14,6 +14,7 @@ import torch
 from anomalib.models.components import AnomalibModule
 from docstring_parser import parse
 from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 
 import anomalib_zsad.models as plugin_models
 from anomalib_zsad.models.components.contract import IDENTITY_KEY
@@ -192,6 +193,14 @@ def test_untrained_learnt_parts_warn_at_inference(model_class: type, caplog: pyt
         model.ready_for_inference()
     assert "never trained nor loaded" in caplog.text
     caplog.clear()
+    fitting = model_class(**TINY)  # the sanity validation before training is not a warning case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitting.trainer = Trainer(logger=False, enable_checkpointing=False)
+    fitting.trainer.state.fn = TrainerFn.FITTING
+    with caplog.at_level("WARNING"):
+        fitting.ready_for_inference()
+    assert "never trained" not in caplog.text
     with caplog.at_level("WARNING"):
         model_class(**TINY)._freeze_for_export()  # what every export runs first
     assert "never trained nor loaded" in caplog.text

@@ -31,6 +31,7 @@ from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
@@ -145,7 +146,10 @@ class ZeroShotModuleMixin(ModelContract):
     def ready_for_inference(self) -> None:
         """Build if not yet built, and say so loudly where the learnt parts were never learnt."""
         _ = self.model
-        if self.has_learnt_parts and not bool(self.learnt_parts_trained) and not self._warned_untrained:
+        trainer = getattr(self, "_trainer", None)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING  # (sanity validation before training)
+        untrained = self.has_learnt_parts and not bool(self.learnt_parts_trained)
+        if untrained and not fitting and not self._warned_untrained:
             self._warned_untrained = True
             logger.warning("%s runs with learnt parts that were never trained nor loaded: its scores are those of "
                            "random prompts. Train it (anomalib train), give --ckpt_path, or give the official "
