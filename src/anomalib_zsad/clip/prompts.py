@@ -56,6 +56,41 @@ ADACLIP_ANOMALOUS_STATES = VAND_ANOMALOUS_STATES
 ADACLIP_TEMPLATES: tuple[str, ...] = VAND_TEMPLATES[:4]
 
 
+# --- CLIP and CLIP-AC, the baselines of AnomalyCLIP (Zhou et al., ICLR 2024, Appendix A.2) ---------
+
+#: CLIP's two plain prompts, word for word as the paper gives them ("A photo of a normal [cls]" and
+#: "A photo of an anomalous [cls]", no full stop); ``{}`` is the class name.
+CLIP_NORMAL_PROMPT = "A photo of a normal {}"
+CLIP_ANOMALOUS_PROMPT = "A photo of an anomalous {}"
+#: CLIP-AC's two classes, put into every template of :data:`CLIP_IMAGENET_TEMPLATES`.
+CLIP_AC_NORMAL_STATES: tuple[str, ...] = ("normal {}",)
+CLIP_AC_ANOMALOUS_STATES: tuple[str, ...] = ("anomalous {}",)
+#: The 80 prompt templates that CLIP recommends for ImageNet (Radford et al., 2021; the list of
+#: OpenAI's ``Prompt_Engineering_for_ImageNet.ipynb``, open_clip's ``OPENAI_IMAGENET_TEMPLATES``), in order.
+CLIP_IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)
+
+
 def ensemble_sentences(class_name: str, states: Sequence[str], templates: Sequence[str]) -> list[str]:
     """``[template.format(state.format(class_name)) for state in states for template in templates]``."""
     return [template.format(state.format(class_name)) for state in states for template in templates]
@@ -101,6 +136,11 @@ def ensemble_text_features(
 
 
 __all__ = [
+    "CLIP_AC_ANOMALOUS_STATES",
+    "CLIP_AC_NORMAL_STATES",
+    "CLIP_ANOMALOUS_PROMPT",
+    "CLIP_IMAGENET_TEMPLATES",
+    "CLIP_NORMAL_PROMPT",
     "VAND_ANOMALOUS_STATES",
     "VAND_NORMAL_STATES",
     "VAND_TEMPLATES",

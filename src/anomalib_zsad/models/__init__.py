@@ -5,7 +5,9 @@ from .aa_clip import AACLIP
 from .adaclip import AdaCLIP
 from .anomalyclip import AnomalyCLIP
 from .bayes_pfl import BayesPFL
+from .clip_baseline import CLIPBaseline
+from .coop import CoOp
 from .glocalclip import GlocalCLIP
 from .vand import Vand
 
-__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BayesPFL", "GlocalCLIP", "Vand"]
+__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BayesPFL", "CLIPBaseline", "CoOp", "GlocalCLIP", "Vand"]
