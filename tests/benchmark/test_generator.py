@@ -93,4 +93,4 @@ def test_shipped_grids_expand_and_every_class_resolves() -> None:
                 assert select_train_data(job.model_entry["train_data"], job.data_config.get("name", ""),
                                          job.data_config["class_path"])["class_path"].endswith("CrossDataset")
         counts[name] = len(jobs)
-    assert counts == {"demo_grid.yaml": 9 * 3, "papers_grid.yaml": 10 * (15 + 12)}
+    assert counts == {"demo_grid.yaml": 10 * 3, "papers_grid.yaml": 11 * (15 + 12)}
