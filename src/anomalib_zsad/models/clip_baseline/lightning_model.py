@@ -3,7 +3,7 @@
 Nothing is learnt. The model reports ``ZERO_SHOT`` until validation has set its thresholds, so
 ``anomalib train`` (``Engine.fit``) and ``anomalib test`` only validate it on the target and never
 train; once the thresholds are known it reports ``ONE_CLASS``, as every plugin model does, so that
-``predict`` on a plain folder of images (no labels to validate on) runs at once (see
+a later ``predict`` on a plain folder of images (no labels to validate on) runs at once (see
 ``components/lightning.py``).
 """
 
