@@ -116,3 +116,16 @@ def test_temperature_can_be_given() -> None:
         score = model(images()).pred_score
         image = F.normalize(model.clip.encode_image(images()), dim=-1)
     torch.testing.assert_close(score, (image @ text.t() / 0.5).softmax(-1)[:, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_class_name_falls_back_to_the_evaluated_category() -> None:
+    """Paths outside the MVTec AD / VisA layout: the evaluated datamodule's single category, else "object"."""
+    from types import SimpleNamespace
+
+    model = CLIPBaseline(**TINY)
+    batch = ImageBatch(image=images(1), image_path=["/folder/img_000.png"])
+    assert model.inference_class_names(batch) == ["object"]
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(category="metal_nut"))
+    assert model.inference_class_names(batch) == ["metal nut"]
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(category="bottle+screw"))  # pooled: no one name
+    assert model.inference_class_names(batch) == ["object"]

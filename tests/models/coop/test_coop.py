@@ -143,3 +143,15 @@ def test_prompt_learner_file_makes_it_zero_shot(tmp_path: Path) -> None:
     assert model.model.prompt_learner.ctx_neg is model.model.prompt_learner.ctx_pos  # still one tensor
     with torch.no_grad():
         torch.testing.assert_close(model.model(images()).anomaly_map, source.model(images()).anomaly_map)
+
+
+def test_training_never_takes_the_target_category() -> None:
+    """In training the datamodule's category is the target's (CrossDataset): auxiliary images whose
+    paths name no category get "object", evaluation images get the evaluated category."""
+    from types import SimpleNamespace
+
+    model = CoOp(**TINY)
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(category="pcb1"))
+    batch = ImageBatch(image=images(1), gt_label=torch.tensor([1]), image_path=["/aux/img_000.png"])
+    assert model._class_names(batch) == ["object"]  # what training_step uses
+    assert model.inference_class_names(batch) == ["pcb1"]

@@ -36,6 +36,17 @@ def prompt_class_names(paths: Sequence[str] | None, setting: str, default: str) 
     return None if names is None else [name.replace("_", " ") for name in names]
 
 
+def evaluated_category(module: nn.Module) -> str | None:
+    """The single category of the datamodule being evaluated (``metal_nut`` -> ``metal nut``), or None
+    (no datamodule, no category, or pooled categories ``a+b``). For inference only: in training
+    the datamodule's category is the *target's* (``CrossDataset``), not the auxiliary images'."""
+    trainer = getattr(module, "_trainer", None)
+    category = getattr(getattr(trainer, "datamodule", None), "category", None)
+    if isinstance(category, str) and category and "+" not in category:
+        return category.replace("_", " ")
+    return None
+
+
 class CLIPBaseline(ZeroShotModuleMixin, AnomalibModule):
     """CLIP and CLIP-AC: the zero-shot baselines of AnomalyCLIP (ICLR 2024, Appendix A.2); nothing learnt.
 
@@ -54,8 +65,9 @@ class CLIPBaseline(ZeroShotModuleMixin, AnomalibModule):
             anomalous [cls]"; ``clip_ac``: "normal [cls]" and "anomalous [cls]" in each of CLIP's 80
             ImageNet templates, the normalised embeddings averaged per class.
         class_name: the object word [cls] of the prompts: ``"auto"`` reads each image's category
-            from its path (MVTec AD / VisA layout, ``_`` read as a space), else ``"object"``; any
-            other string is used for every image (and in an export).
+            from its path (MVTec AD / VisA layout, ``_`` read as a space), else the evaluated
+            datamodule's category, else ``"object"``; any other string is used for every image
+            (and in an export).
         feature_layers: vision blocks (1-based) whose patch tokens make the map; None = the last
             block (CLIP's local visual embeddings, as the paper's baselines).
         dpam_start: first vision block with AnomalyCLIP's V-V attention (DPAM); None = plain CLIP
@@ -154,4 +166,5 @@ class CLIPBaseline(ZeroShotModuleMixin, AnomalibModule):
         del batch, args, kwargs
 
     def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
-        return prompt_class_names(getattr(batch, "image_path", None), self.class_name, self._fixed_class_name())
+        default = evaluated_category(self) or self._fixed_class_name()
+        return prompt_class_names(getattr(batch, "image_path", None), self.class_name, default)

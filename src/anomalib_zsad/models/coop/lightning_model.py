@@ -22,7 +22,7 @@ from torch import nn
 
 from anomalib_zsad.clip import ClipModel
 from anomalib_zsad.models.anomalyclip.loss import AnomalyCLIPLoss
-from anomalib_zsad.models.clip_baseline.lightning_model import prompt_class_names
+from anomalib_zsad.models.clip_baseline.lightning_model import evaluated_category, prompt_class_names
 from anomalib_zsad.models.components import ZeroShotModuleMixin
 from anomalib_zsad.models.components.contract import ArgumentCheck
 
@@ -57,7 +57,8 @@ class CoOp(ZeroShotModuleMixin, AnomalibModule):
             released CoOp weights for anomaly detection.
         class_name: the object word [cls] of the prompts: ``"auto"`` reads each image's category
             from its path (MVTec AD / VisA layout, ``_`` read as a space), in training and at test,
-            else ``"object"``; any other string is used for every image (and in an export).
+            else (at test) the evaluated datamodule's category, else ``"object"``; any other string
+            is used for every image (and in an export).
         n_ctx: learnt context tokens M (CoOp's paper 16).
         shared_context: one context [V1..VM] for both prompts, as the paper writes them; False = one
             context per state (normal, anomalous).
@@ -180,8 +181,9 @@ class CoOp(ZeroShotModuleMixin, AnomalibModule):
             optimizer, lambda epoch: warmup_cosine(epoch, max_epochs, s["warmup_epochs"], warmup_factor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def _class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
-        return prompt_class_names(getattr(batch, "image_path", None), self.class_name, self._fixed_class_name())
+    def _class_names(self, batch: Any, default: str | None = None) -> list[str] | None:  # noqa: ANN401
+        return prompt_class_names(getattr(batch, "image_path", None), self.class_name,
+                                  default or self._fixed_class_name())
 
     def training_step(self, batch: Any, *args, **kwargs) -> torch.Tensor:  # noqa: ANN401
         del args, kwargs
@@ -194,4 +196,4 @@ class CoOp(ZeroShotModuleMixin, AnomalibModule):
         return terms["loss"]
 
     def inference_class_names(self, batch: Any) -> list[str] | None:  # noqa: ANN401
-        return self._class_names(batch)
+        return self._class_names(batch, evaluated_category(self))
