@@ -101,6 +101,10 @@ def test_cli_takes_and_prints_the_source() -> None:
     model = parser.instantiate_classes(config).model
     assert isinstance(model.post_processor, RawScorePostProcessor)
     assert model.post_processor.threshold_source == NormalImageThresholds(k=3)
+    by_name = parser.parse_args(["--model.backbone", "zsad-tiny", "--model.post_processor", "RawScorePostProcessor",
+                                 "--model.post_processor.threshold_source", "auxiliary"])
+    source = parser.instantiate_classes(by_name).model.post_processor.threshold_source
+    assert source == AuxiliaryThresholds()
 
 
 # ---------------------------------------------------------------------- (c) fixed values
@@ -262,3 +266,21 @@ def test_exported_graphs_carry_the_thresholds(tmp_path: Path, monkeypatch: pytes
         np.testing.assert_array_equal(labels[name].astype(bool), expected.pred_label.numpy(), err_msg=name)
         agree = (masks[name].astype(bool) == expected.pred_mask.reshape(4, -1).numpy()).mean()
         assert agree > 0.999, (name, agree)  # float differences of ~1e-6 may flip a pixel at the threshold
+
+
+def test_auxiliary_hold_out_mixes_sources_with_and_without_masks(demo_root: Path) -> None:
+    """A source without masks (Folder, labels only) beside one with masks: image threshold from all
+    held-out images, pixel threshold from the masked ones."""
+    from anomalib.data import Folder
+
+    no_masks = Folder(name="grass_labels_only", root=demo_root / "grass" / "test", normal_dir="good",
+                      abnormal_dir=["color", "hole", "patch", "scratch"])
+    datamodule = CrossDataset(train=[MVTecAD(root=demo_root), no_masks], test=MVTecAD(root=demo_root, category="coffee"),
+                              train_categories=["brick"], eval_batch_size=4, num_workers=0)
+    with pytest.warns(UserWarning, match="without masks"):
+        datamodule.setup("fit")
+    model = _model(AuxiliaryThresholds(holdout=0.5))
+    stats = model.post_processor.calibrate(model, datamodule)
+    held = getattr(datamodule, HOLDOUT_ATTRIBUTE)["dataset"].samples
+    assert set(held["has_mask"]) == {True, False} and stats.info["images"] == len(held)
+    assert math.isfinite(stats.image_threshold) and math.isfinite(stats.pixel_threshold)

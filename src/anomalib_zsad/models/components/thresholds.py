@@ -172,7 +172,8 @@ class AuxiliaryThresholds(ThresholdSource):
         dataset = held["dataset"]
         generator = torch.Generator().manual_seed(self.seed)
         scores, labels, map_values, mask_values = [], [], [], []
-        for batch in run_model(module, dataset, _eval_batch_size(datamodule)):
+        size = _eval_batch_size(datamodule)
+        for batch in (b for part in _mask_groups(dataset) for b in run_model(module, part, size)):
             score, label = batch.pred_score.reshape(-1).float().cpu(), batch.gt_label.reshape(-1).int().cpu()
             scores.append(score)
             labels.append(label)
@@ -381,6 +382,15 @@ class _Subset:
 
     def __getitem__(self, index: int) -> Any:  # noqa: ANN401
         return self.dataset[self.indices[index]]
+
+
+def _mask_groups(dataset: Any) -> list[Any]:  # noqa: ANN401
+    """A pooled set with and without masks (``has_mask``) as two sets: a batch is all one kind."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None or "has_mask" not in samples.columns or samples["has_mask"].nunique() < 2:
+        return [dataset]
+    flags = samples["has_mask"].to_numpy()
+    return [dataset.subsample(np.flatnonzero(flags == flag).tolist()) for flag in (True, False)]
 
 
 def _eval_batch_size(datamodule: Any) -> int:  # noqa: ANN401
