@@ -76,6 +76,7 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
     """
 
     pos_embed_mode = "bicubic"  # the official resize: plain bicubic, no antialias
+    text_depends_on_image = True  # dynamic text prompts from each image's feature
     paper_max_epochs = 5
 
     def __init__(
@@ -156,13 +157,6 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
         """Load official AdaCLIP weights; the model is then ready zero-shot."""
         load_official_checkpoint(self.model, path)
         self.learnt_parts_trained.fill_(True)
-
-    def _freeze_for_export(self) -> None:
-        if self.class_name == "auto":
-            logger.warning("AdaCLIP exports with the object word 'object' in its prompts (class_name='auto' reads "
-                           "it from image paths, which an exported model does not see). Give --model.class_name "
-                           "<object> to export for one product.")
-        super()._freeze_for_export()
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.model.named_parameters() if not name.startswith("clip.")]

@@ -199,6 +199,9 @@ class ModelContract:
     pos_embed_mode: ClassVar[str] = "bicubic_antialias"
     paper_max_epochs: ClassVar[int | None] = None
     has_learnt_parts: ClassVar[bool] = True
+    # True where the text side depends on the image (AdaCLIP's dynamic prompts): the text tower is
+    # then part of the exported graph; otherwise text features are a constant of it.
+    text_depends_on_image: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ what a model fills in
     def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401

@@ -231,6 +231,11 @@ class ZeroShotModuleMixin(ModelContract):
         """Text features become a constant buffer: no tokenizer and no text tower get exported.
         An export of learnt parts that were never learnt says so, as test and predict do."""
         self.ready_for_inference()
+        if self.settings.get("class_name") == "auto":
+            word = getattr(self.model, "class_name", "object")
+            logger.warning("%s exports with the object word %r in its prompts (class_name='auto' reads it from the "
+                           "data, which an exported model does not see). Give --model.class_name <object> to export "
+                           "for one product.", type(self).__name__, word)
         freeze = getattr(self.model, "freeze_text_features", None)
         if freeze is not None:
             freeze()
