@@ -401,9 +401,10 @@ def _eval_batch_size(datamodule: Any) -> int:  # noqa: ANN401
 def run_model(module: Any, dataset: Any, batch_size: int = 8) -> Any:  # noqa: ANN401
     """Batches of ``dataset`` pre-processed as in test (the module's pre-processor transform, item
     by item: images of any size) and scored by the module's validation step, outside inference
-    mode and without gradients; the module is in eval mode meanwhile."""
+    mode and without gradients; the module is in eval mode meanwhile (each submodule's mode is
+    restored afterwards)."""
     transform = getattr(getattr(module, "pre_processor", None), "transform", None)
-    was_training = module.training
+    modes = [(child, child.training) for child in module.modules()]  # restored exactly (frozen parts stay eval)
     trainer = getattr(module, "_trainer", None)
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
     context = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
@@ -420,7 +421,8 @@ def run_model(module: Any, dataset: Any, batch_size: int = 8) -> Any:  # noqa: A
                 with context:
                     yield module.validation_step(batch)
     finally:
-        module.train(was_training)
+        for child, training in modes:
+            child.training = training
 
 
 def _prepared(item: Any, transform: Any) -> ImageItem:  # noqa: ANN401
