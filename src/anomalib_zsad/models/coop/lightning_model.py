@@ -175,7 +175,8 @@ class CoOp(ZeroShotModuleMixin, AnomalibModule):
         optimizer = torch.optim.SGD(self.model.learnable_parameters(), lr=s["lr"], momentum=s["momentum"],
                                     weight_decay=s["weight_decay"])
         trainer = getattr(self, "_trainer", None)
-        max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs else self.paper_max_epochs
+        given = trainer.max_epochs if trainer is not None else None  # -1 or None: limited by steps or time
+        max_epochs = given if given is not None and given > 0 else self.paper_max_epochs
         warmup_factor = s["warmup_lr"] / s["lr"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda epoch: warmup_cosine(epoch, max_epochs, s["warmup_epochs"], warmup_factor))
