@@ -284,3 +284,28 @@ def test_auxiliary_hold_out_mixes_sources_with_and_without_masks(demo_root: Path
     held = getattr(datamodule, HOLDOUT_ATTRIBUTE)["dataset"].samples
     assert set(held["has_mask"]) == {True, False} and stats.info["images"] == len(held)
     assert math.isfinite(stats.image_threshold) and math.isfinite(stats.pixel_threshold)
+
+
+@pytest.mark.slow
+def test_benchmark_script_prints_the_transfer_table(tmp_path: Path) -> None:
+    """benchmarks/thresholds.py end to end, small: one row per (category, source), the oracle at its F1-max."""
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "benchmarks" / "thresholds.py"), "--epochs", "1", "--train-categories",
+         "brick", "grass", "--test-categories", "coffee", "--test-good", "3", "--test-defect", "3", "--n-train", "3",
+         "--k", "2", "--holdout", "0.5", "--root", str(tmp_path / "demo"), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, check=False, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RANDOM CLIP WEIGHTS" in done.stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()
+            if line.startswith("| coffee |")]
+    assert [row[1] for row in rows] == ["auxiliary", "normal_images", "fixed", "oracle"]
+    for row in rows:
+        assert all(0 <= float(row[i]) <= 1 for i in (3, 4, 5, 6, 8, 9, 10, 11))
+    oracle = rows[-1]
+    assert oracle[5] == oracle[6] and oracle[10] == oracle[11]  # F1 at the oracle threshold is the F1-max
+    assert (tmp_path / "out" / "thresholds.md").is_file()
