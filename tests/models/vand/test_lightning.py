@@ -12,6 +12,7 @@ from anomalib.engine import Engine
 
 from anomalib_zsad.data import CrossDataset
 from anomalib_zsad.data.demo import make_demo_dataset
+from anomalib_zsad.models.components.references import target_train_split
 from anomalib_zsad.models.vand import Vand, save_official_checkpoint
 from anomalib_zsad.models.vand.lightning_model import class_name_from_path
 
@@ -58,6 +59,6 @@ def test_few_shot_memory_from_the_target_train_split(demo_root: Path, tmp_path: 
 
 def test_few_shot_references_come_from_the_target_train_split(demo_root: Path) -> None:
     """With CrossDataset the datamodule's train split is the auxiliary data: not a memory source."""
-    split = Vand._target_train_split(_cross(demo_root))
+    split = target_train_split(_cross(demo_root))
     paths = [Path(p) for p in split.samples.image_path]
     assert paths and all(p.parts[-4:-1] == ("grass", "train", "good") for p in paths)

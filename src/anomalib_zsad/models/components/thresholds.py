@@ -25,7 +25,6 @@ and a summary in the checkpoint's ``anomalib_post_processor_config``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import sys
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 from anomalib.data import ImageBatch, ImageItem
 from torchvision.tv_tensors import Mask
+
+from .references import target_train_split
 
 logger = logging.getLogger(__name__)
 
@@ -333,28 +334,6 @@ def holdout_split(datamodule: Any, fraction: float, seed: int, trained: bool) ->
     logger.info("Thresholds: %d of %d auxiliary training images held out (never trained on)",
                 len(held_out), len(samples))
     return dataset
-
-
-def target_train_split(datamodule: Any) -> Any:  # noqa: ANN401
-    """The train split (normal images) of the evaluated data set.
-
-    For a ``CrossDataset`` the datamodule's own train split is the *auxiliary* data, so the target
-    datamodule is copied and set up on its own, for its one test category. (The same idea as
-    VAND's few-shot reference images.)
-    """
-    target = getattr(datamodule, "target", None)
-    if target is not None:
-        target = copy.copy(target)  # the CrossDataset's own target keeps its state
-        categories = datamodule.target_categories()
-        if len(categories) != 1:
-            msg = f"normal target images need one target category, got {categories}"
-            raise ValueError(msg)
-        target.category = categories[0]
-        target.setup("fit")
-        return target.train_data
-    if getattr(datamodule, "train_data", None) is None:
-        datamodule.setup("fit")
-    return datamodule.train_data
 
 
 def draw_normal_images(dataset: Any, k: int, seed: int) -> Any:  # noqa: ANN401

@@ -7,7 +7,6 @@ checkpoints. ``k_shot > 0`` adds the few-shot memory of ``k_shot`` normal images
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from torch import nn
 from anomalib_zsad.clip import ClipModel
 from anomalib_zsad.models.components import ZeroShotModuleMixin
 from anomalib_zsad.models.components.contract import ArgumentCheck, renamed_argument
+from anomalib_zsad.models.components.references import target_train_split
 
 from .checkpoint import load_official_checkpoint, read_official_checkpoint
 from .loss import VandLoss, build_optimizer
@@ -214,7 +214,7 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
             if datamodule is None:
                 msg = "k_shot > 0 needs reference images: pass few_shot_source or run through an Engine with data"
                 raise ValueError(msg)
-            dataset = self._target_train_split(datamodule)
+            dataset = target_train_split(datamodule)
         count = len(dataset)
         if count == 0:
             msg = "no reference images found for the few-shot memory"
@@ -227,27 +227,6 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
         transform = getattr(self.pre_processor, "transform", None) if self.pre_processor else None
         images = [transform(image) if transform is not None else image for image in images]
         return torch.stack([image.as_subclass(torch.Tensor) for image in images])
-
-    @staticmethod
-    def _target_train_split(datamodule: Any) -> Any:  # noqa: ANN401
-        """The train split (normal images) of the evaluated data set.
-
-        For ``CrossDataset`` the datamodule's own train split is the *auxiliary* data, so the
-        target datamodule is set up on its own for its train split.
-        """
-        target = getattr(datamodule, "target", None)
-        if target is not None:
-            target = copy.copy(target)  # the CrossDataset's own target keeps its state
-            categories = datamodule.target_categories()
-            if len(categories) != 1:
-                msg = f"few-shot needs one target category, got {categories}"
-                raise ValueError(msg)
-            target.category = categories[0]
-            target.setup("fit")
-            return target.train_data
-        if getattr(datamodule, "train_data", None) is None:
-            datamodule.setup("fit")
-        return datamodule.train_data
 
     # --- training --------------------------------------------------------------------------------
 
