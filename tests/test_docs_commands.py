@@ -50,7 +50,7 @@ def _fence(line: str) -> str | None:
     """The backtick run that opens or closes a fenced code block on this line, if any."""
     stripped = line.strip()
     run = len(stripped) - len(stripped.lstrip("`"))
-    return stripped[:run] if run >= 3 else None  # noqa: PLR2004
+    return stripped[:run] if run >= 3 else None
 
 
 def runnable_blocks(path: Path) -> list[str]:
@@ -130,7 +130,7 @@ def test_runnable_blocks_pass(document: str, tmp_path: Path) -> None:
     # `python` and `anomalib` are those of the interpreter running the tests
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for number, block in enumerate(runnable_blocks(PROJECT_ROOT / document), start=1):
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,  # noqa: S603, S607
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=600, check=False)
         output = (result.stdout + result.stderr)[-4000:]
         assert result.returncode == 0, f"{document}, runnable block {number} failed:\n{block}\n--- output ---\n{output}"

@@ -9,15 +9,15 @@ from anomalib_zsad.clip.architecture import ClipArchitecture
 
 
 def open_clip_config(name: str) -> dict:
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     return open_clip.get_model_config(name)
 
 
 def test_unknown_name_lists_exactly_the_names_this_layer_builds() -> None:
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
-    from anomalib_zsad.clip.loading import loadable_architecture_names  # noqa: PLC0415
+    from anomalib_zsad.clip.loading import loadable_architecture_names
 
     with pytest.raises(ValueError, match="unknown CLIP architecture 'ViT-Q-99'") as error:
         named_architecture("ViT-Q-99")

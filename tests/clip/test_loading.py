@@ -70,7 +70,7 @@ def test_openai_torchscript_archive(tiny_clip: ClipModel, tmp_path: Path) -> Non
 
 def test_cached_release_is_used_without_network(tiny_clip: ClipModel, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     monkeypatch.setattr(open_clip.pretrained, "get_pretrained_cfg",
                         lambda name, tag: {"url": "https://example.invalid/x/tiny-release.pt", "quick_gelu": True})
@@ -116,10 +116,10 @@ def test_errors_list_only_names_this_layer_loads(tmp_path: Path, monkeypatch: py
     """SigLIP, ViTamin (timm towers), CLIPA and MetaCLIP-2 (other pooling, Hugging Face tokenizers) are
     open_clip ViTs that this CLIP layer does not build: no error may offer them, and asking for one
     stops before any download with the reason, not with a "supply this file" message."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
-    from anomalib_zsad.clip.architecture import named_architecture  # noqa: PLC0415
-    from anomalib_zsad.clip.loading import loadable_architecture_names  # noqa: PLC0415
+    from anomalib_zsad.clip.architecture import named_architecture
+    from anomalib_zsad.clip.loading import loadable_architecture_names
 
     monkeypatch.setenv("ZSAD_OFFLINE", "1")
     with pytest.raises(ValueError, match="unknown CLIP architecture") as unknown:
@@ -141,9 +141,9 @@ def test_errors_list_only_names_this_layer_loads(tmp_path: Path, monkeypatch: py
     assert tiny.arch.vision_width == 384
 
 
-def open_clip_meta_model(name: str):  # noqa: ANN201
+def open_clip_meta_model(name: str):
     """open_clip's own CLIP for ``name``, built on the meta device (shapes only, no memory, no weights)."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     with torch.device("meta"):
         return open_clip.model.CLIP(**open_clip.get_model_config(name))
@@ -154,7 +154,7 @@ def test_weights_of_a_named_architecture_get_its_heads(name: str) -> None:
     """Weights loaded by tag (or a file for a named architecture) run with the heads open_clip builds
     for that name: ViT-H-14's vision heads are 80 channels wide (16 heads, not 20), ViT-g-14's 88,
     ViT-bigG-14's 104, ViT-e-14's 112. Checked on open_clip's own module, built without weights."""
-    from anomalib_zsad.clip.loading import architecture_of_weights  # noqa: PLC0415
+    from anomalib_zsad.clip.loading import architecture_of_weights
 
     reference = open_clip_meta_model(name)
     expected = (reference.visual.transformer.resblocks[0].attn.num_heads, reference.transformer.resblocks[0].attn.num_heads)
@@ -165,13 +165,13 @@ def test_weights_of_a_named_architecture_get_its_heads(name: str) -> None:
         ours = ClipModel(arch)
     assert {block.attn.heads for block in ours.visual.blocks} == {expected[0]}
     assert {block.attn.heads for block in ours.text.blocks} == {expected[1]}
-    from anomalib_zsad.clip import named_architecture  # noqa: PLC0415
+    from anomalib_zsad.clip import named_architecture
 
     assert named_architecture(name).vision_heads == expected[0]  # random weights of the name: the same
 
 
 def test_a_head_width_that_contradicts_the_named_architecture_is_refused() -> None:
-    from anomalib_zsad.clip.loading import architecture_of_weights  # noqa: PLC0415
+    from anomalib_zsad.clip.loading import architecture_of_weights
 
     state = open_clip_meta_model("ViT-H-14").state_dict()
     with pytest.raises(ValueError, match="head_width=64 gives 20 vision heads, but 'ViT-H-14' has 16 of 80 channels"):
@@ -181,7 +181,7 @@ def test_a_head_width_that_contradicts_the_named_architecture_is_refused() -> No
     with pytest.raises(ValueError, match="Leave head_width unset"):
         load_clip("ViT-H-14", None, head_width=64)
     # weights of no named shape (the parity sets' narrow CLIP under a ViT-L name): head_width decides
-    narrow = {k: v for k, v in open_clip_meta_model("ViT-B-32").state_dict().items()}
+    narrow = dict(open_clip_meta_model("ViT-B-32").state_dict())
     assert architecture_of_weights(narrow, "ViT-L-14-336", head_width=32).vision_heads == 768 // 32
 
 
@@ -190,13 +190,13 @@ def test_release_loaded_by_tag_matches_open_clip_with_its_head_width(tmp_path: P
     """End to end through the tag path: a registered open_clip config with 32-channel heads, its
     "release" in the cache. The loaded CLIP has the config's heads and computes what open_clip's own
     model computes with the same weights (with 64-channel heads it would not)."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     name = "ViT-zsad-test-hw32"
     config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 32,
                                               "patch_size": 16},
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, config)  # noqa: SLF001
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, config)
     monkeypatch.setattr(open_clip.pretrained, "get_pretrained_cfg",
                         lambda model, tag: {"url": "https://example.invalid/hw32-release.bin"})
     monkeypatch.setenv("ZSAD_OFFLINE", "1")
@@ -224,7 +224,7 @@ def test_hub_release_downloaded_into_the_clip_cache_is_found_offline(tiny_clip: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """open_clip downloads a tag's Hugging Face hub file into the cache directory it is given
     ($ZSAD_CLIP_CACHE), in the hub's layout; the next run, offline, must find it there."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     monkeypatch.setattr(open_clip.pretrained, "get_pretrained_cfg",
                         lambda name, tag: {"hf_hub": "someone/tiny-clip-release/", "quick_gelu": True})

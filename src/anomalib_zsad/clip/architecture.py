@@ -60,7 +60,8 @@ def unsupported_options(config: Mapping) -> list[str]:
             found.append(f"{tower}.pool_type={cfg['pool_type']!r}")
         if cfg.get("proj_type", "linear") not in (None, "linear"):
             found.append(f"{tower}.proj_type={cfg['proj_type']!r}")
-    found += [key for key in ("custom_text", "multimodal_cfg", "init_logit_bias") if config.get(key) not in (None, False)]
+    extras = ("custom_text", "multimodal_cfg", "init_logit_bias")
+    found += [key for key in extras if config.get(key) not in (None, False)]
     return found
 
 
@@ -207,18 +208,18 @@ def named_architecture(name: str, head_width: int = 64) -> ClipArchitecture:
     """
     if name in EXTRA_ARCHITECTURES:
         return ClipArchitecture.from_config(EXTRA_ARCHITECTURES[name], head_width)
-    import open_clip  # noqa: PLC0415  (slow import, only when a real name is asked for)
+    import open_clip
 
     config = open_clip.get_model_config(name)
     if config is None:
-        from .loading import loadable_architecture_names  # noqa: PLC0415  (loading imports this module)
+        from .loading import loadable_architecture_names
 
         msg = f"unknown CLIP architecture {name!r}. Known ViT names: {', '.join(loadable_architecture_names())}"
         raise ValueError(msg)
     try:  # open_clip's own default head width (64) where its config names none, as open_clip builds it
         arch = ClipArchitecture.from_config(config)
     except ValueError as error:
-        from .loading import loadable_architecture_names  # noqa: PLC0415
+        from .loading import loadable_architecture_names
 
         msg = f"CLIP architecture {name!r}: {error}. Known ViT names: {', '.join(loadable_architecture_names())}"
         raise ValueError(msg) from None

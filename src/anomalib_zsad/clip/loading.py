@@ -74,7 +74,7 @@ def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         if _is_torchscript(path):
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file  # noqa: PLC0415
+            from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
@@ -86,14 +86,14 @@ def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         msg = f"{path} holds a {type(state).__name__}, not a CLIP state dict"
-        raise ValueError(msg)
+        raise ValueError(msg)  # noqa: TRY004  (a wrong file, not a wrong argument type)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return state, "input_resolution" in state
 
 
 def _offline_message(model_name: str, tag: str, cfg: Mapping, cache_dir: Path, reason: str) -> str:
-    lines = [f"CLIP weights {model_name!r} / {tag!r} are not on this machine and could not be downloaded "
-             f"({reason}).", "Supply the file, then run again:"]
+    lines = [(f"CLIP weights {model_name!r} / {tag!r} are not on this machine and could not be downloaded "
+              f"({reason})."), "Supply the file, then run again:"]
     if cfg.get("url"):
         filename = Path(urlparse(cfg["url"]).path).name
         lines.append(f"  * download {cfg['url']} on a machine with internet and put it at "
@@ -109,7 +109,7 @@ def _offline_message(model_name: str, tag: str, cfg: Mapping, cache_dir: Path, r
 def loadable_architecture_names() -> list[str]:
     """Every architecture name :func:`load_clip` builds: this package's small ones, then open_clip's
     CLIP ViTs (SigLIP, ViTamin, CLIPA, MetaCLIP-2 and other non-CLIP towers left out)."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     names = [name for name in open_clip.list_models()
              if name.startswith("ViT") and not unsupported_options(open_clip.get_model_config(name) or {})]
@@ -120,7 +120,7 @@ def _check_architecture_name(model_name: str) -> None:
     """Refuse, before any download, a name that this CLIP layer cannot build, listing those it can."""
     if model_name in EXTRA_ARCHITECTURES:
         return
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     config = open_clip.get_model_config(model_name)
     known = f"Known ViT names: {', '.join(loadable_architecture_names())}"
@@ -136,7 +136,7 @@ def _check_architecture_name(model_name: str) -> None:
 
 def _open_clip_architecture(model_name: str) -> ClipArchitecture | None:
     """The open_clip architecture a name stands for, or None where it names none this CLIP layer builds."""
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     config = open_clip.get_model_config(model_name)
     if config is None or unsupported_options(config):
@@ -185,7 +185,7 @@ def _cached_hub_file(repo: str, cache_dir: Path | None = None) -> Path | None:
     ``cache_dir`` (where :func:`resolve_pretrained` has open_clip download hub files) or in the
     Hugging Face cache."""
     try:
-        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+        from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
     for where in ([cache_dir] if cache_dir is not None else []) + [None]:
@@ -213,7 +213,7 @@ def resolve_pretrained(model_name: str, tag: str, cache_dir: Path | None = None)
 
     Returns (path, whether the tag is one of OpenAI's QuickGELU-trained releases).
     """
-    import open_clip  # noqa: PLC0415
+    import open_clip
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cfg = open_clip.pretrained.get_pretrained_cfg(model_name, tag)

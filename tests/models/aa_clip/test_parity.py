@@ -10,15 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_parity_tensors, require_parity_set
+from anomalib.models.components.filters import GaussianBlur2d
 
 from anomalib_zsad.clip import load_clip, tokenize
-from anomalib.models.components.filters import GaussianBlur2d
 from anomalib_zsad.models.aa_clip.checkpoint import load_official_checkpoint
 from anomalib_zsad.models.aa_clip.evaluation import official_image_scores, official_metrics, official_normalize
 from anomalib_zsad.models.aa_clip.loss import AACLIPLoss
 from anomalib_zsad.models.aa_clip.prompts import OFFICIAL_REAL_NAMES, describe_class, state_sentences
 from anomalib_zsad.models.aa_clip.torch_model import AACLIPModel
+from conftest import load_parity_tensors, require_parity_set
 
 pytestmark = pytest.mark.parity
 
@@ -53,7 +53,7 @@ def parity() -> dict:
                                  for name in ("inputs.pt", "outputs.pt", "train_step.pt")}}
 
 
-def build_model(folder, real_names: dict, **kwargs) -> AACLIPModel:  # noqa: ANN001
+def build_model(folder, real_names: dict, **kwargs) -> AACLIPModel:
     clip = load_clip("ViT-L-14-336", folder / "clip_state_dict.pt", head_width=32, activation="gelu",
                      pos_embed_mode="bicubic_antialias")
     model = AACLIPModel(clip, real_names=real_names, surgery_vv_across_batch=True, **kwargs)

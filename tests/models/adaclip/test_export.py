@@ -9,7 +9,6 @@ its fp16 rounding by one ulp, which the x100 logits turn into map differences up
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -13,7 +13,6 @@ from anomalib_zsad.models.adaclip import AdaCLIP
 from anomalib_zsad.models.adaclip.checkpoint import official_state_dict
 
 
-
 def tiny_model(**kwargs) -> AdaCLIP:
     return AdaCLIP(backbone="zsad-tiny", pretrained=None, image_size=64, **kwargs)
 

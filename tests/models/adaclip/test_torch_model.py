@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from anomalib_zsad.clip import ClipModel
-
 from anomalib_zsad.models.adaclip import AdaCLIPLoss, AdaCLIPModel
-from anomalib_zsad.models.components.class_names import class_name_from_path, class_names_for
 from anomalib_zsad.models.adaclip.hsf import HybridSemanticFusion, kmeans_labels, sklearn_kmeans_labels
 from anomalib_zsad.models.adaclip.torch_model import default_feature_layers
+from anomalib_zsad.models.components.class_names import class_name_from_path, class_names_for
 
 SIZE = 64  # 4 x 4 patches of the tiny CLIP: a forward pass takes milliseconds
 

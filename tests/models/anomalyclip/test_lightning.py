@@ -13,7 +13,6 @@ from anomalib_zsad.data import CrossDataset
 from anomalib_zsad.models import AnomalyCLIP
 
 
-
 def tiny_model(**kwargs) -> AnomalyCLIP:
     return AnomalyCLIP(backbone="zsad-tiny", pretrained=None, image_size=64, **kwargs)
 
@@ -27,7 +26,7 @@ def cross_data(root: Path) -> CrossDataset:
 
 def test_labels_only_training_warns_and_trains_image_loss(caplog: pytest.LogCaptureFixture) -> None:
     """Auxiliary data without masks: only the image cross-entropy, and a warning that says so."""
-    from anomalib.data import ImageBatch  # noqa: PLC0415
+    from anomalib.data import ImageBatch
 
     model = tiny_model()
     batch = ImageBatch(image=torch.rand(2, 3, 64, 64), gt_label=torch.tensor([0, 1]))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_parity_tensors, require_parity_set
 
 from anomalib_zsad.clip import load_clip
 from anomalib_zsad.models.anomalyclip.checkpoint import load_official_checkpoint
 from anomalib_zsad.models.anomalyclip.loss import AnomalyCLIPLoss
 from anomalib_zsad.models.anomalyclip.torch_model import AnomalyCLIPModel
+from conftest import load_parity_tensors, require_parity_set
 
 FILES = ("clip_state_dict.pt", "prompt_learner.pt", "inputs.pt", "outputs.pt", "train_step.pt")
 VARIANTS = {"paper_layers": None, "features_list_24": [24]}

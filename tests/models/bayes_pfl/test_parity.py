@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from conftest import load_parity_tensors, require_parity_set
 
 from anomalib_zsad.clip import load_clip
 from anomalib_zsad.models.bayes_pfl import BayesPFLModel, PromptNoise, load_official_checkpoint, official_final_scores
 from anomalib_zsad.models.bayes_pfl.optim import make_adam, stage1_param_groups
+from conftest import load_parity_tensors, require_parity_set
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 

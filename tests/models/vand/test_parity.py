@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_parity_tensors, require_parity_set
 
 from anomalib_zsad.clip import load_clip
 from anomalib_zsad.clip.prompts import VAND_ANOMALOUS_STATES, VAND_NORMAL_STATES, VAND_TEMPLATES, ensemble_sentences
 from anomalib_zsad.clip.tokenizer import tokenize
 from anomalib_zsad.models.vand import VandLoss, VandModel, load_official_checkpoint, official_few_shot_scores
 from anomalib_zsad.models.vand.loss import build_optimizer
+from conftest import load_parity_tensors, require_parity_set
 
 pytestmark = pytest.mark.parity
 
@@ -57,7 +57,7 @@ def test_parity_vand_text_tokens_and_features(parity: dict) -> None:
     anomalous = ensemble_sentences(parity["class_name"], VAND_ANOMALOUS_STATES, VAND_TEMPLATES)
     assert torch.equal(tokenize(normal), out["text_tokens_normal"].long())
     assert torch.equal(tokenize(anomalous), out["text_tokens_abnormal"].long())
-    from anomalib_zsad.clip.prompts import encode_sentences  # noqa: PLC0415
+    from anomalib_zsad.clip.prompts import encode_sentences
 
     with torch.no_grad():
         assert _max_diff(encode_sentences(model.clip, normal), out["text_embeddings_normal"]) < 1e-5

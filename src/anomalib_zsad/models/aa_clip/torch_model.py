@@ -176,7 +176,8 @@ class AACLIPModel(nn.Module):
         return seg, det
 
     @torch.no_grad()
-    def surgery_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]:
+    def surgery_features(self, images: torch.Tensor
+                         ) -> tuple[list[torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]:
         """Stage 1's frozen visual side -> (patch features per level [B, h*w, E], unit class
         feature [B, E], raw surgery tokens per level [B, 1 + h*w, C]).
 

@@ -26,7 +26,9 @@ CLIP_PREFIX = "clip."
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of an official file, without the ``clip_model.`` prefix; clear errors otherwise."""
     path = Path(path).expanduser()
-    content = load_official_file(path, "AdaCLIP", "an official AdaCLIP weight file (a torch state dict with 'clip_model.*' keys, as AdaCLIP_Trainer.save() writes it)")
+    expected = ("an official AdaCLIP weight file (a torch state dict with 'clip_model.*' keys, as "
+                "AdaCLIP_Trainer.save() writes it)")
+    content = load_official_file(path, "AdaCLIP", expected)
     if not isinstance(content, Mapping) or not content or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items()):
         found = sorted(map(str, content))[:6] if isinstance(content, Mapping) else type(content).__name__

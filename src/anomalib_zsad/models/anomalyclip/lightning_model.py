@@ -111,7 +111,8 @@ class AnomalyCLIP(ZeroShotModuleMixin, AnomalibModule):
         check.positive("lr", settings["lr"])
         if arch is not None:
             check.require(settings["prompt_depth"] <= arch.text_layers,
-                          f"prompt_depth must be at most the text depth {arch.text_layers}, got {settings['prompt_depth']}")
+                          f"prompt_depth must be at most the text depth {arch.text_layers}, "
+                          f"got {settings['prompt_depth']}")
 
     def build_model(self, clip: ClipModel) -> AnomalyCLIPModel:
         s = self.settings

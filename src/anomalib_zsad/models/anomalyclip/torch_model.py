@@ -25,7 +25,6 @@ from anomalib_zsad.models.components.text_cache import TextFeatureCache
 
 from .prompt_learner import AnomalyCLIPPromptLearner
 
-
 default_feature_layers = quarter_blocks  # the ends of the tower's four quarters (6, 12, 18, 24 of ViT-L)
 
 

@@ -39,7 +39,6 @@ from .noise import PromptNoise, draw_noise
 from .prompts import class_token_ids, encode_prompt_bank
 from .rca import GlobalFeature, ResidualCrossAttention
 
-
 default_feature_layers = quarter_blocks  # the ends of the tower's four quarters (6, 12, 18, 24 of ViT-L)
 
 
@@ -120,11 +119,11 @@ class BayesPFLModel(nn.Module):
         self.context_decoder = Decoder(text, vision // 2, embed)
         self.state_encoder = GaussianEncoder(embed, vision // 2, text)  # shared by both state flows
         self.state_decoder = Decoder(text, vision // 2, embed)
-        self.PFL_context = ContextFlow(embed, num_flows, text)  # noqa: N815  (official name, checkpoint keys)
-        self.PFL_normal = StateFlow(embed, num_flows, text)  # noqa: N815
-        self.PFL_abnormal = StateFlow(embed, num_flows, text)  # noqa: N815
+        self.PFL_context = ContextFlow(embed, num_flows, text)
+        self.PFL_normal = StateFlow(embed, num_flows, text)
+        self.PFL_abnormal = StateFlow(embed, num_flows, text)
         self.fuse = GlobalFeature(vision, embed, layers)
-        self.RCA = ResidualCrossAttention(vision, embed, layers, rca_heads)  # noqa: N815
+        self.RCA = ResidualCrossAttention(vision, embed, layers, rca_heads)
         self.class_mapping = nn.Linear(embed, embed)
         self.image_mapping = nn.Linear(embed, embed)
         self.blur = GaussianBlur(sigma)

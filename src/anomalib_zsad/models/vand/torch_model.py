@@ -25,14 +25,13 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_zsad.clip import ClipModel, quarter_blocks
-from anomalib_zsad.models.components.text_cache import TextFeatureCache
 from anomalib_zsad.clip.prompts import (
     VAND_ANOMALOUS_STATES,
     VAND_NORMAL_STATES,
     VAND_TEMPLATES,
     ensemble_text_features,
 )
-
+from anomalib_zsad.models.components.text_cache import TextFeatureCache
 
 default_feature_layers = quarter_blocks  # the ends of the tower's four quarters (6, 12, 18, 24 of ViT-L)
 
