@@ -196,6 +196,8 @@ class ZSADBenchmarkJob(Job):
                 "pre_processor": sized_pre_processor(model_cls, size)}
             config = {**config, "init_args": {**(config.get("init_args") or {}), **sized}}
         model = build_model(config)
+        if isinstance(model, ZeroShotModuleMixin):
+            _ = model.model  # built now, under the job's seed, so cached weights have a model to fit
         use_raw_scores(model)
         return model
 
