@@ -22,9 +22,9 @@ def images(count: int = 2) -> torch.Tensor:
 
 
 def encode(clip, sentences: list[str]) -> torch.Tensor:
-    """Each sentence through CLIP's text tower on its own, full 77 tokens, normalised [n, E]."""
+    """The sentences through CLIP's plain text tower (full 77 tokens), normalised [n, E]."""
     with torch.no_grad():
-        return F.normalize(torch.cat([clip.encode_text(tokenize(s)) for s in sentences]), dim=-1)
+        return F.normalize(clip.encode_text(tokenize(sentences)), dim=-1)
 
 
 def test_clip_prompts_are_the_papers_word_for_word() -> None:
