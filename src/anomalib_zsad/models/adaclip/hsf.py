@@ -130,10 +130,12 @@ class HybridSemanticFusion(nn.Module):
         alpha: weight of the cluster feature (official 0.2).
         kmeans_backend: ``"torch"`` (deterministic, default) or ``"sklearn"`` (the official call).
         seed: k-means seed (``None`` with sklearn = numpy's global RNG, as officially).
+        export_iterations: Lloyd iterations unrolled in an exported graph (equal to the eager
+            result whenever k-means converges within them).
     """
 
     def __init__(self, k_clusters: int = 20, n_aggregate: int | None = None, alpha: float = 0.2,
-                 kmeans_backend: str = "torch", seed: int | None = 0) -> None:
+                 kmeans_backend: str = "torch", seed: int | None = 0, export_iterations: int = 30) -> None:
         super().__init__()
         if kmeans_backend not in KMEANS_BACKENDS:
             msg = f"kmeans_backend must be one of {KMEANS_BACKENDS}, got {kmeans_backend!r}"
@@ -143,6 +145,7 @@ class HybridSemanticFusion(nn.Module):
         self.alpha = alpha
         self.kmeans_backend = kmeans_backend
         self.seed = seed
+        self.export_iterations = export_iterations
         # The seeding draws as a constant buffer: no generator call in an exported graph.
         self.register_buffer("uniforms", kmeans_uniforms(k_clusters, 0 if seed is None else seed), persistent=False)
 
@@ -162,7 +165,7 @@ class HybridSemanticFusion(nn.Module):
         """Labels [B, n] of the images' concatenated features [B, n, L*E]."""
         if self.kmeans_backend == "sklearn":
             return torch.stack([sklearn_kmeans_labels(f, self.k_clusters, self.seed) for f in features])
-        return kmeans_labels(features, self.k_clusters, uniforms=self.uniforms)
+        return kmeans_labels(features, self.k_clusters, uniforms=self.uniforms, export_iters=self.export_iterations)
 
     def cluster_feature(self, selected: list[torch.Tensor],
                         labels: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -59,6 +59,8 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
         hsf_alpha: weight of the fused map score in the image score (official 0.2).
         kmeans_backend: ``torch`` (seeded, deterministic; default) or ``sklearn`` (as officially).
         kmeans_seed: seed of the k-means initialisation (None: unseeded).
+        kmeans_export_iterations: Lloyd iterations unrolled in an exported graph (30; the export equals
+            the eager model whenever k-means converges within them, fewer make a smaller graph).
         sigma: standard deviation of the Gaussian smoothing of the map, in pixels (official 4; 0 = off).
         row_dice: the official per-row Dice of a batch of one (see the README).
         lr: AdamW learning rate (official 0.01).
@@ -97,6 +99,7 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
         hsf_alpha: float = 0.2,
         kmeans_backend: str = "torch",
         kmeans_seed: int | None = 0,
+        kmeans_export_iterations: int = 30,
         sigma: float = 4.0,
         row_dice: bool = True,
         lr: float = 0.01,
@@ -132,6 +135,7 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
         check.choice("prompting_branch", settings["prompting_branch"], ("V", "L", "VL"))
         check.layers("feature_layers", settings["feature_layers"], depth)
         check.positive("k_clusters", settings["k_clusters"])
+        check.positive("kmeans_export_iterations", settings["kmeans_export_iterations"])
         check.in_range("hsf_alpha", settings["hsf_alpha"], 0.0, 1.0)
         check.choice("kmeans_backend", settings["kmeans_backend"], ("torch", "sklearn"))
         check.positive("sigma", settings["sigma"], zero=True)
@@ -147,7 +151,8 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
                             prompting_type=s["prompting_type"], prompting_branch=s["prompting_branch"],
                             feature_layers=s["feature_layers"], use_hsf=s["use_hsf"], k_clusters=s["k_clusters"],
                             hsf_alpha=s["hsf_alpha"], kmeans_backend=s["kmeans_backend"],
-                            kmeans_seed=s["kmeans_seed"], sigma=s["sigma"], class_name=fixed_name,
+                            kmeans_seed=s["kmeans_seed"], kmeans_export_iterations=s["kmeans_export_iterations"],
+                            sigma=s["sigma"], class_name=fixed_name,
                             round_prompts_to_fp16=s["round_prompts_to_fp16"], seed=s["seed"])
 
     read_official_weights = staticmethod(read_official_checkpoint)

@@ -82,6 +82,7 @@ class AdaCLIPModel(nn.Module):
             projected class embedding alone.
         k_clusters, n_aggregate, hsf_alpha: HSF's 20 clusters, ``5 * k`` patches, 0.2.
         kmeans_backend, kmeans_seed: ``"torch"`` (deterministic) or ``"sklearn"`` (official call).
+        kmeans_export_iterations: Lloyd iterations unrolled in an exported graph (30).
         logit_scale: the fixed 100 of the official code (CLIP's learnt scale is unused).
         sigma: Gaussian smoothing of the final map (official 4; 0 turns it off).
         class_name: the object word of the sentences when a batch names none (``"object"``).
@@ -95,7 +96,8 @@ class AdaCLIPModel(nn.Module):
                  prompting_type: str = "SD", prompting_branch: str = "VL",
                  feature_layers: Sequence[int] | None = None, use_hsf: bool = True, k_clusters: int = 20,
                  n_aggregate: int | None = None, hsf_alpha: float = 0.2, kmeans_backend: str = "torch",
-                 kmeans_seed: int | None = 0, logit_scale: float = 100.0, sigma: float = 4.0,
+                 kmeans_seed: int | None = 0, kmeans_export_iterations: int = 30, logit_scale: float = 100.0,
+                 sigma: float = 4.0,
                  class_name: str = "object", round_prompts_to_fp16: bool = True, truncate_text: bool = True,
                  normal_states: Sequence[str] = NORMAL_STATES, anomalous_states: Sequence[str] = ANOMALOUS_STATES,
                  templates: Sequence[str] = TEMPLATES, seed: int = 0) -> None:
@@ -138,8 +140,8 @@ class AdaCLIPModel(nn.Module):
             if dynamic and textual else None
         self.visual_prompts_on, self.text_prompts_on = visual, textual
 
-        self.hsf = HybridSemanticFusion(k_clusters, n_aggregate, hsf_alpha, kmeans_backend, kmeans_seed) \
-            if use_hsf else None
+        self.hsf = HybridSemanticFusion(k_clusters, n_aggregate, hsf_alpha, kmeans_backend, kmeans_seed,
+                                        kmeans_export_iterations) if use_hsf else None
         self.blur = GaussianBlur(sigma)
         self.register_buffer("token_ids", self.sentence_tokens(class_name), persistent=False)
         # A Python int, so that no data-dependent shape ends up in an exported graph.
