@@ -50,7 +50,8 @@ def test_forward_gives_scores_and_smoothed_maps(model) -> None:
 
 def test_a_batch_equals_its_images_one_by_one(model) -> None:
     """Prompts and text features are per image: batching must not mix images."""
-    images = torch.randn(3, 3, SIZE, SIZE)
+    images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))  # fixed: a random draw
+    # can flip one fp16-rounded prompt value and move a map pixel by ~5e-5 (seen once in CI)
     with torch.no_grad():
         batched = model(images)
         single = [model(images[i:i + 1]) for i in range(3)]
