@@ -21,7 +21,7 @@ from torch import nn
 
 from anomalib_zsad.clip import ClipModel
 from anomalib_zsad.models.components import ZeroShotModuleMixin
-from anomalib_zsad.models.components.class_names import class_names_for
+from anomalib_zsad.models.components.class_names import class_names_for, evaluated_category
 from anomalib_zsad.models.components.contract import ArgumentCheck
 
 from .torch_model import PROMPT_SETS, CLIPBaselineModel
@@ -34,17 +34,6 @@ def prompt_class_names(paths: Sequence[str] | None, setting: str, default: str) 
     ``metal_nut`` -> ``metal nut``), or None (the model's fixed name)."""
     names = class_names_for(paths, setting, default)
     return None if names is None else [name.replace("_", " ") for name in names]
-
-
-def evaluated_category(module: nn.Module) -> str | None:
-    """The single category of the datamodule being evaluated (``metal_nut`` -> ``metal nut``), or None
-    (no datamodule, no category, or pooled categories ``a+b``). For inference only: in training
-    the datamodule's category is the *target's* (``CrossDataset``), not the auxiliary images'."""
-    trainer = getattr(module, "_trainer", None)
-    category = getattr(getattr(trainer, "datamodule", None), "category", None)
-    if isinstance(category, str) and category and "+" not in category:
-        return category.replace("_", " ")
-    return None
 
 
 class CLIPBaseline(ZeroShotModuleMixin, AnomalibModule):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import PurePath
+from typing import Any
 
 SPLIT_FOLDERS = ("train", "test", "Data", "ground_truth", "validation")
 
@@ -30,3 +31,14 @@ def class_names_for(paths: Sequence[str] | None, setting: str, default: str = "o
     if setting != "auto" or not paths:
         return None
     return [class_name_from_path(str(p), default) for p in paths]
+
+
+def evaluated_category(module: Any) -> str | None:  # noqa: ANN401
+    """The single category of the datamodule being evaluated (``metal_nut`` -> ``metal nut``), or None
+    (no datamodule, no category, or pooled categories ``a+b``). For inference only: in training
+    the datamodule's category is the *target's* (``CrossDataset``), not the auxiliary images'."""
+    trainer = getattr(module, "_trainer", None)
+    category = getattr(getattr(trainer, "datamodule", None), "category", None)
+    if isinstance(category, str) and category and "+" not in category:
+        return category.replace("_", " ")
+    return None

@@ -22,8 +22,9 @@ from torch import nn
 
 from anomalib_zsad.clip import ClipModel
 from anomalib_zsad.models.anomalyclip.loss import AnomalyCLIPLoss
-from anomalib_zsad.models.clip_baseline.lightning_model import evaluated_category, prompt_class_names
+from anomalib_zsad.models.clip_baseline.lightning_model import prompt_class_names
 from anomalib_zsad.models.components import ZeroShotModuleMixin
+from anomalib_zsad.models.components.class_names import evaluated_category
 from anomalib_zsad.models.components.contract import ArgumentCheck
 
 from .torch_model import CoOpModel

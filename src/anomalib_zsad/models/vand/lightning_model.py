@@ -23,6 +23,7 @@ from torch import nn
 
 from anomalib_zsad.clip import ClipModel
 from anomalib_zsad.models.components import ZeroShotModuleMixin
+from anomalib_zsad.models.components.class_names import evaluated_category
 from anomalib_zsad.models.components.contract import ArgumentCheck, renamed_argument
 from anomalib_zsad.models.components.references import target_train_split
 
@@ -196,9 +197,10 @@ class Vand(ZeroShotModuleMixin, AnomalibModule):
     def _inference_class_name(self) -> str:
         if self.class_name:
             return self.class_name
+        single = evaluated_category(self)
+        if single is not None:
+            return single
         category = getattr(self._datamodule(), "category", None)
-        if isinstance(category, str) and category and "+" not in category:
-            return category.replace("_", " ")
         # Pooled categories (``a+b``) or none: per-image names from the paths where possible.
         pooled = isinstance(category, str) and "+" in category
         self._per_image_classes = self.settings["class_names_from_paths"] and pooled
