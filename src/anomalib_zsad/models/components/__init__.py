@@ -1,6 +1,12 @@
-"""Pieces that several ZSAD methods share (losses, map smoothing, the Lightning behaviour)."""
+"""Pieces that several plugin methods share (losses, map smoothing, the Lightning behaviour)."""
 
-from .lightning import ZeroShotModuleMixin, clip_pre_processor, paper_evaluator
+from .lightning import (
+    PluginModuleMixin,
+    ZeroShotModuleMixin,
+    clip_pre_processor,
+    imagenet_pre_processor,
+    paper_evaluator,
+)
 from .losses import BinaryDiceLoss, FocalLoss, segmentation_loss
 from .smoothing import GaussianBlur
 
@@ -8,8 +14,10 @@ __all__ = [
     "BinaryDiceLoss",
     "FocalLoss",
     "GaussianBlur",
+    "PluginModuleMixin",
     "ZeroShotModuleMixin",
     "clip_pre_processor",
+    "imagenet_pre_processor",
     "paper_evaluator",
     "segmentation_loss",
 ]

@@ -1,20 +1,30 @@
 """The contract every plugin model fills in: one constructor vocabulary, checks before any work,
-a CLIP built when it is needed and bound to its checkpoint.
+a frozen backbone built when it is needed and bound to its checkpoint.
 
-Why the CLIP is built lazily. ``anomalib test --model X --ckpt_path c.ckpt`` constructs ``X`` from
+Two layers. :class:`ModelContract` is what every model shares, whatever its backbone: argument
+checks raised together, the lazy build, the checkpoint identity of the frozen backbone (adopted
+or refused on loading), safe official weights. :class:`ClipModelContract` fills it in for the
+CLIP methods (the backbone is a CLIP from :mod:`anomalib_zsad.clip`, its identity includes the
+activation, a mismatch is allowed by ``allow_clip_mismatch``). A model that is not CLIP-based
+(BGAD: a timm CNN and normalizing flows) fills in the generic hooks itself: ``check_backbone``,
+``load_backbone``, ``backbone_identity``, ``build_model``.
+
+Why the backbone is built lazily. ``anomalib test --model X --ckpt_path c.ckpt`` constructs ``X`` from
 the command line's defaults *before* Lightning reads the checkpoint; building ViT-L/14@336 there
 would load 1.7 GB of weights that the checkpoint may not even want (it may have been trained on
 ViT-B/16 at 224 px), and fail offline. So the constructor only checks and records its arguments;
-the frozen CLIP and the method's ``nn.Module`` are built at the first need: ``setup("fit")``,
+the frozen backbone and the method's ``nn.Module`` are built at the first need: ``setup("fit")``,
 a checkpoint being loaded, the first test/predict batch, or any access to ``self.model``.
 
-Why a checkpoint carries its CLIP's identity. Checkpoints leave the frozen CLIP out (1.7 GB); what
-they learnt is only meaningful on the CLIP they were trained with. :func:`clip_identity` records the
-architecture, the weights (tag, or file and its SHA-256), the seed of random weights, the
-activation and the image size. On loading, a setting the user left at its default is taken from
-the checkpoint (so ``--ckpt_path`` alone is enough, as with anomalib's own models); a setting the
-user set to something else is refused with one message that says what the checkpoint needs,
-unless ``allow_clip_mismatch=True`` says it is meant.
+Why a checkpoint carries its backbone's identity. Checkpoints leave the frozen backbone out (1.7 GB
+for a CLIP ViT-L); what they learnt is only meaningful on the backbone they were trained with.
+:func:`clip_identity` (CLIP) and :meth:`ModelContract.backbone_identity` (others) record the
+architecture, the weights (tag, or file and its SHA-256), the seed of random weights and the
+image size (and, for CLIP, the activation). On loading, a setting the user left at its default is
+taken from the checkpoint (so ``--ckpt_path`` alone is enough, as with anomalib's own models); a
+setting the user set to something else is refused with one message that says what the checkpoint
+needs, unless the model's mismatch flag (``allow_clip_mismatch``, ``allow_backbone_mismatch``)
+says it is meant.
 """
 
 from __future__ import annotations
@@ -37,12 +47,14 @@ from anomalib_zsad.clip.loading import RANDOM_TAGS
 
 logger = logging.getLogger(__name__)
 
+# The checkpoint key of the frozen backbone's identity (named when every model was CLIP-based; kept,
+# so that earlier checkpoints still load).
 IDENTITY_KEY = "anomalib_zsad_clip_identity"
 IDENTITY_SETTINGS = ("backbone", "pretrained", "activation", "image_size", "seed")
 ACTIVATIONS = ("auto", "gelu", "quick_gelu")
 # Never taken from a checkpoint: they say how to load it, or they are live objects.
-NOT_RESTORED = frozenset({"official_checkpoint", "allow_clip_mismatch", "pre_processor", "post_processor",
-                          "evaluator", "visualizer"})
+NOT_RESTORED = frozenset({"official_checkpoint", "allow_clip_mismatch", "allow_backbone_mismatch", "pre_processor",
+                          "post_processor", "evaluator", "visualizer"})
 
 
 class ArgumentCheck:
@@ -164,11 +176,16 @@ def _same_weights(stored: dict[str, Any], current: dict[str, Any]) -> bool:
     return stored.get("pretrained") == current.get("pretrained")
 
 
+WEIGHT_KEYS = frozenset({"pretrained", "weights_sha256"})
+
+
 def identity_conflicts(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Each way the current CLIP differs from the checkpoint's, as ``what: checkpoint vs now``."""
+    """Each way the current backbone differs from the checkpoint's, as ``what: checkpoint vs now``:
+    every stored setting (for a CLIP: backbone, activation, image size, seed), then the weights
+    (compared by content where both are files)."""
     problems = []
-    for key in ("backbone", "activation", "image_size", "seed"):
-        if key in stored and stored.get(key) != current.get(key):
+    for key in [k for k in stored if k not in WEIGHT_KEYS]:
+        if _comparable(stored.get(key)) != _comparable(current.get(key)):
             problems.append(f"{key}: checkpoint {stored.get(key)!r}, now {current.get(key)!r}")
     if not _same_weights(stored, current):
         problems.append(f"pretrained: checkpoint {stored.get('pretrained')!r} "
@@ -186,28 +203,69 @@ def _comparable(value: Any) -> Any:  # noqa: ANN401
 
 
 class ModelContract:
-    """The part of the contract that needs no Lightning: settings, checks, lazy build, identity.
+    """The part of the contract that needs no Lightning and no CLIP: settings, checks, lazy build,
+    the frozen backbone's checkpoint identity.
 
     A model declares:
-    * ``pos_embed_mode`` (how its official code resizes the CLIP's position embeddings),
     * ``paper_max_epochs`` (its paper's training length; None for models that do not train),
     * :meth:`check_arguments` (its own checks, added to the shared ones),
-    * :meth:`build_model` (its ``nn.Module`` around a loaded CLIP),
+    * :meth:`check_backbone` / :meth:`load_backbone` / :meth:`backbone_identity` (its frozen
+      backbone: checked at construction, built at first need, identified in checkpoints;
+      :class:`ClipModelContract` fills these in for a CLIP),
+    * :meth:`build_model` (its ``nn.Module`` around the loaded backbone),
     * :meth:`read_official_weights` / :meth:`load_official_weights` (its ``checkpoint.py``).
     """
 
-    pos_embed_mode: ClassVar[str] = "bicubic_antialias"
     paper_max_epochs: ClassVar[int | None] = None
     has_learnt_parts: ClassVar[bool] = True
     # True where the text side depends on the image (AdaCLIP's dynamic prompts): the text tower is
     # then part of the exported graph; otherwise text features are a constant of it.
     text_depends_on_image: ClassVar[bool] = False
+    #: state-dict prefixes of the frozen backbone, left out of checkpoints and rebuilt from the settings
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("model.backbone.",)
+    #: the constructor argument that lets a checkpoint run on another backbone than it was trained on
+    mismatch_flag: ClassVar[str] = "allow_backbone_mismatch"
+    #: what the backbone is called in messages
+    backbone_noun: ClassVar[str] = "backbone"
 
     # ------------------------------------------------------------------ what a model fills in
     def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
-        """Add the model's own argument problems to ``check`` (``arch``: the CLIP's shape or None)."""
+        """Add the model's own argument problems to ``check`` (``arch``: the backbone's shape or None)."""
 
-    def build_model(self, clip: ClipModel) -> nn.Module:
+    def check_backbone(self, check: ArgumentCheck, settings: dict[str, Any]) -> Any:  # noqa: ANN401
+        """Check the backbone's settings without building it; return what is known of its shape
+        (passed to :meth:`check_arguments`), or None. Default: a backbone name and an image size."""
+        check.require(isinstance(settings.get("backbone"), str) and bool(settings.get("backbone")),
+                      f"backbone must be a name, got {settings.get('backbone')!r}")
+        check.image_size(settings.get("image_size"), None)
+        return None
+
+    def load_backbone(self, settings: dict[str, Any]) -> Any:  # noqa: ANN401
+        """The frozen backbone for these settings (weights resolved here, with a clear error offline)."""
+        raise NotImplementedError
+
+    def backbone_shape(self, backbone: Any) -> Any:  # noqa: ANN401
+        """What the loaded backbone tells of its shape, for the checks repeated after loading."""
+        del backbone
+        return None
+
+    def backbone_identity(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """What identifies the frozen backbone (and the input size) of a model with these settings:
+        its name, its weights (tag or file and SHA-256), the seed of random weights, the image size."""
+        image_size = settings.get("image_size")
+        pretrained = settings.get("pretrained")
+        random = pretrained is False or is_random(pretrained)
+        identity = {
+            "backbone": settings.get("backbone"),
+            "pretrained": None if random else (pretrained if isinstance(pretrained, bool) else str(pretrained)),
+            "weights_sha256": None if random or isinstance(pretrained, bool) else weights_sha256(pretrained),
+            "image_size": list(image_size) if isinstance(image_size, (list, tuple)) else image_size,
+        }
+        if random:
+            identity["seed"] = settings.get("seed")
+        return identity
+
+    def build_model(self, backbone: Any) -> nn.Module:  # noqa: ANN401
         raise NotImplementedError
 
     @staticmethod
@@ -230,20 +288,10 @@ class ModelContract:
         return dict(self.hparams)
 
     def validate_arguments(self) -> None:
-        """All checks at construction: shared ones, then the model's, raised together."""
+        """All checks at construction: the backbone's, then the model's, raised together."""
         settings = self.settings
         check = ArgumentCheck(type(self).__name__)
-        check.choice("activation", settings.get("activation", "auto"), ACTIVATIONS)
-        check.require(isinstance(settings.get("backbone"), str) and settings.get("backbone"),
-                      f"backbone must be a CLIP architecture name, got {settings.get('backbone')!r}")
-        named = isinstance(settings.get("backbone"), str) and settings.get("backbone")
-        arch = architecture_or_none(settings["backbone"]) if named else None
-        if arch is None and named and is_random(settings.get("pretrained")):
-            try:  # random weights: only the name can give the shape
-                named_architecture(settings["backbone"])
-            except ValueError as error:
-                check.problems.append(str(error))
-        check.image_size(settings.get("image_size"), arch.patch_size if arch is not None else None)
+        arch = self.check_backbone(check, settings)
         self.check_arguments(check, settings, arch)
         check.raise_if_any()
 
@@ -268,14 +316,13 @@ class ModelContract:
         return "model" in self.__dict__["_modules"]
 
     def build(self) -> None:
-        """Load the frozen CLIP and build the method's module on it (again, after a change)."""
+        """Load the frozen backbone and build the method's module on it (again, after a change)."""
         settings = self.settings
-        clip = load_clip(settings["backbone"], settings["pretrained"], activation=settings.get("activation", "auto"),
-                         pos_embed_mode=self.pos_embed_mode, seed=settings.get("seed", 0))
+        backbone = self.load_backbone(settings)
         check = ArgumentCheck(type(self).__name__)  # again, now that the weights told the shape
-        self.check_arguments(check, settings, clip.arch)
+        self.check_arguments(check, settings, self.backbone_shape(backbone))
         check.raise_if_any()
-        module = self.build_model(clip)
+        module = self.build_model(backbone)
         device = getattr(self, "device", torch.device("cpu"))
         nn.Module.__setattr__(self, "model", module.to(device))
         path = getattr(self, "_official_weights_path", None)
@@ -284,12 +331,13 @@ class ModelContract:
         self.after_build()
 
     def identity(self) -> dict[str, Any]:
-        return clip_identity(self.settings)
+        return self.backbone_identity(self.settings)
 
     def adopt_checkpoint_settings(self, checkpoint: dict[str, Any]) -> None:
         """Take the settings a checkpoint was made with where the user left the defaults; refuse a
-        CLIP (or image size) that differs from the checkpoint's unless ``allow_clip_mismatch``."""
-        stored = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in NOT_RESTORED}
+        backbone (or image size) that differs from the checkpoint's unless the mismatch flag is set."""
+        stored = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items()
+                  if k not in NOT_RESTORED and k != self.mismatch_flag}
         defaults = constructor_defaults(type(self))
         current = self.settings
         adopted = {}
@@ -304,10 +352,11 @@ class ModelContract:
         stored_identity = checkpoint.get(IDENTITY_KEY)
         if stored_identity is not None:
             conflicts = identity_conflicts(stored_identity, self.identity())
-            if conflicts and not current.get("allow_clip_mismatch", False):
-                msg = (f"{type(self).__name__}: this checkpoint was trained on another CLIP or input size than the "
-                       f"one asked for ({'; '.join(conflicts)}). Leave these settings out to use the checkpoint's, "
-                       "give the checkpoint's values, or pass allow_clip_mismatch=True to run it anyway.")
+            if conflicts and not current.get(self.mismatch_flag, False):
+                msg = (f"{type(self).__name__}: this checkpoint was trained on another {self.backbone_noun} or input "
+                       f"size than the one asked for ({'; '.join(conflicts)}). Leave these settings out to use the "
+                       f"checkpoint's, give the checkpoint's values, or pass {self.mismatch_flag}=True to run it "
+                       "anyway.")
                 raise ValueError(msg)
         if adopted or not self.is_built:
             self.apply_settings(rebuild=bool(adopted) or not self.is_built)
@@ -327,3 +376,47 @@ class ModelContract:
         if rebuild:
             self.__dict__["_modules"].pop("model", None)
             self.build()
+
+
+class ClipModelContract(ModelContract):
+    """:class:`ModelContract` for the CLIP methods: the backbone is a frozen CLIP of
+    :mod:`anomalib_zsad.clip` (``backbone``/``pretrained``/``activation``), resized to
+    ``image_size`` as the model's official code does (``pos_embed_mode``).
+
+    A CLIP model declares, besides :class:`ModelContract`'s ``check_arguments``/``build_model``/
+    official weights: ``pos_embed_mode`` (how its official code resizes the CLIP's position
+    embeddings). ``build_model`` receives the loaded :class:`~anomalib_zsad.clip.ClipModel`.
+    """
+
+    pos_embed_mode: ClassVar[str] = "bicubic_antialias"
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("model.clip.",)
+    mismatch_flag: ClassVar[str] = "allow_clip_mismatch"
+    backbone_noun: ClassVar[str] = "CLIP"
+
+    def check_backbone(self, check: ArgumentCheck, settings: dict[str, Any]) -> Any:  # noqa: ANN401
+        """Activation, a CLIP architecture name, and an image size on its patch grid."""
+        check.choice("activation", settings.get("activation", "auto"), ACTIVATIONS)
+        check.require(isinstance(settings.get("backbone"), str) and settings.get("backbone"),
+                      f"backbone must be a CLIP architecture name, got {settings.get('backbone')!r}")
+        named = isinstance(settings.get("backbone"), str) and settings.get("backbone")
+        arch = architecture_or_none(settings["backbone"]) if named else None
+        if arch is None and named and is_random(settings.get("pretrained")):
+            try:  # random weights: only the name can give the shape
+                named_architecture(settings["backbone"])
+            except ValueError as error:
+                check.problems.append(str(error))
+        check.image_size(settings.get("image_size"), arch.patch_size if arch is not None else None)
+        return arch
+
+    def load_backbone(self, settings: dict[str, Any]) -> ClipModel:
+        return load_clip(settings["backbone"], settings["pretrained"], activation=settings.get("activation", "auto"),
+                         pos_embed_mode=self.pos_embed_mode, seed=settings.get("seed", 0))
+
+    def backbone_shape(self, backbone: ClipModel) -> Any:  # noqa: ANN401
+        return backbone.arch
+
+    def backbone_identity(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return clip_identity(settings)
+
+    def build_model(self, clip: ClipModel) -> nn.Module:
+        raise NotImplementedError

@@ -1,13 +1,20 @@
-"""Lightning behaviour shared by every CLIP-based ZSAD method that learns on auxiliary data.
+"""Lightning behaviour shared by every plugin model, and its CLIP part.
 
-Written as a mixin, not as a base class: anomalib's ``get_model``/``list_models`` only see
-*direct* subclasses of ``AnomalibModule``, so each method is ``class X(ZeroShotModuleMixin,
-AnomalibModule)``.
+:class:`PluginModuleMixin` is what every model shares (argument checks through
+:class:`~.contract.ModelContract`, the lazy build, the learning-type policy, the paper's epochs,
+the untrained warning, one validation/test/predict step, checkpoints without the frozen backbone,
+exports with any input size, the papers' evaluator). :class:`ZeroShotModuleMixin` adds the CLIP
+part: CLIP's pre-processing and the INT8 settings for CLIP ViTs. A CLIP method is
+``class X(ZeroShotModuleMixin, AnomalibModule)``; a method on another backbone (BGAD) is
+``class X(PluginModuleMixin, AnomalibModule)`` and declares its own ``configure_pre_processor``.
+
+Written as mixins, not as base classes: anomalib's ``get_model``/``list_models`` only see
+*direct* subclasses of ``AnomalibModule``.
 
 Learning type. anomalib's ``Engine.fit`` never trains a model that reports ``ZERO_SHOT`` or
 ``FEW_SHOT`` (it only validates it), and ``Engine.test``/``predict`` validate such a model first
 (to set thresholds) unless a checkpoint is given; with a plain folder of images there is nothing
-to validate on, and anomalib fails. These methods *do* train, on auxiliary data, then run
+to validate on, and anomalib fails. The CLIP methods *do* train, on auxiliary data, then run
 zero-shot on unseen categories. So a model reports:
 
 * ``ONE_CLASS`` while its learnt parts are untrained: ``anomalib train``/``fit`` trains them;
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -37,7 +44,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_zsad.clip import CLIP_MEAN, CLIP_STD
 
-from .contract import IDENTITY_KEY, ModelContract
+from .contract import IDENTITY_KEY, ClipModelContract, ModelContract
 from .post_processing import RawScorePostProcessor
 from .quantization import quantize_ov_model
 
@@ -53,7 +60,9 @@ PAPER_METRIC_FIELDS: dict[str, tuple[type, list[str]]] = {
     "pixel_F1Max": (F1Max, ["anomaly_map", "gt_mask"]),
 }
 PAPER_METRICS = tuple(PAPER_METRIC_FIELDS)
-FROZEN_PREFIX = "model.clip."
+FROZEN_PREFIX = "model.clip."  # the CLIP methods' frozen backbone (ClipModelContract.frozen_prefixes)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 LIGHTNING_FALLBACK_EPOCHS = 1000  # what Lightning trains when no limit is given
 ONNX_OPSET = 18  # the opset torch.onnx's dynamo exporter builds
 
@@ -68,6 +77,17 @@ def clip_pre_processor(image_size: int | Sequence[int] = 518) -> PreProcessor:
     ]))
 
 
+def imagenet_pre_processor(image_size: int | Sequence[int] = 256,
+                           interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> PreProcessor:
+    """Resize and ImageNet normalisation (anomalib's default pre-processing, at ``image_size``), for
+    models on ImageNet backbones; masks follow the image size."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return PreProcessor(transform=Compose([
+        Resize(size, interpolation=interpolation, antialias=True),
+        Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ]))
+
+
 def paper_evaluator() -> Evaluator:
     """The figures the ZSAD papers report: image AUROC / AP / F1-max, pixel AUROC / AUPRO / F1-max
     (pixel metrics skipped, not failed, for models or data without maps or masks)."""
@@ -76,14 +96,18 @@ def paper_evaluator() -> Evaluator:
         for column, (metric_cls, fields) in PAPER_METRIC_FIELDS.items()])
 
 
-class ZeroShotModuleMixin(ModelContract):
-    """Shared hooks. A model's ``__init__`` calls ``super().__init__(pre_processor=..., ...)`` and
-    then :meth:`init_contract`; it declares the rest as :class:`ModelContract` describes."""
+class PluginModuleMixin(ModelContract):
+    """Shared hooks of every plugin model. A model's ``__init__`` calls
+    ``super().__init__(pre_processor=..., ...)`` and then :meth:`init_contract`; it declares the
+    rest as :class:`ModelContract` describes, and its ``configure_pre_processor``."""
+
+    #: what the untrained warning says the scores are
+    untrained_scores: ClassVar[str] = "random prompts"
 
     def init_contract(self, pre_processor: nn.Module | bool, official_checkpoint: Any = None,  # noqa: ANN401
                       renamed: Sequence[str] = ()) -> None:
         """Check every argument (one error for all), size the default pre-processor, and read the
-        official weights file if one is given; the CLIP itself is built at first use."""
+        official weights file if one is given; the backbone itself is built at first use."""
         for name in renamed:  # deprecated aliases: their value now lives under the new name
             self.hparams.pop(name, None)
         # Persistent, so a Lightning checkpoint says whether its learnt parts were trained.
@@ -97,9 +121,9 @@ class ZeroShotModuleMixin(ModelContract):
 
     @classmethod
     def configure_pre_processor(cls, image_size: int | Sequence[int] | None = None) -> PreProcessor:
-        """CLIP's resize and normalisation (not anomalib's ImageNet default), also where anomalib's
-        benchmark asks for a pre-processor of a given ``image_size``."""
-        return clip_pre_processor(image_size or 518)
+        """Resize to ``image_size`` and ImageNet normalisation (a model on another backbone says
+        its own), also where anomalib's benchmark asks for a pre-processor of a given size."""
+        return imagenet_pre_processor(image_size or 256)
 
     @property
     def learning_type(self) -> LearningType:
@@ -137,7 +161,7 @@ class ZeroShotModuleMixin(ModelContract):
 
     def setup(self, stage: str) -> None:
         """Training builds the model here, before the strategy moves it and wraps it for DDP; test
-        and predict wait for a checkpoint that may say which CLIP to build (on_load_checkpoint)."""
+        and predict wait for a checkpoint that may say which backbone to build (on_load_checkpoint)."""
         super().setup(stage)
         if stage == "fit":
             self.use_paper_epochs()
@@ -152,8 +176,8 @@ class ZeroShotModuleMixin(ModelContract):
         if untrained and not fitting and not self._warned_untrained:
             self._warned_untrained = True
             logger.warning("%s runs with learnt parts that were never trained nor loaded: its scores are those of "
-                           "random prompts. Train it (anomalib train), give --ckpt_path, or give the official "
-                           "weights (--model.official_checkpoint).", type(self).__name__)
+                           "%s. Train it (anomalib train), give --ckpt_path, or give the official "
+                           "weights (--model.official_checkpoint).", type(self).__name__, self.untrained_scores)
 
     def _ready_outside_inference_mode(self) -> None:
         # Lightning runs these hooks under inference mode: what is built or cached here (the CLIP,
@@ -228,7 +252,8 @@ class ZeroShotModuleMixin(ModelContract):
         return self.validation_step(batch, *args, **kwargs)
 
     def _freeze_for_export(self) -> None:
-        """Text features become a constant buffer: no tokenizer and no text tower get exported.
+        """What depends only on the learnt parts becomes a constant buffer (the CLIP methods' text
+        features: no tokenizer and no text tower get exported; a model's ``freeze_text_features``).
         An export of learnt parts that were never learnt says so, as test and predict do."""
         self.ready_for_inference()
         if self.settings.get("class_name") == "auto":
@@ -257,6 +282,38 @@ class ZeroShotModuleMixin(ModelContract):
         with any_size_export(self, kwargs) as onnx_kwargs:
             return super().to_onnx(*args, **onnx_kwargs)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen backbone out (1.7 GB for a CLIP ViT-L/14@336), but say which it was: it
+        is rebuilt from the settings when the checkpoint is loaded, and must be the same. The official
+        weights file is not needed again: what was learnt is in the checkpoint."""
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(self.frozen_prefixes)]:
+            del state[key]
+        checkpoint[IDENTITY_KEY] = self.identity()
+        if "official_checkpoint" in checkpoint.get("hyper_parameters", {}):
+            checkpoint["hyper_parameters"]["official_checkpoint"] = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.adopt_checkpoint_settings(checkpoint)  # builds the backbone the checkpoint needs
+        state = checkpoint.setdefault("state_dict", {})
+        for key, value in self.state_dict().items():
+            if key.startswith(self.frozen_prefixes):
+                state.setdefault(key, value)
+
+
+class ZeroShotModuleMixin(ClipModelContract, PluginModuleMixin):
+    """:class:`PluginModuleMixin` for the CLIP methods: the backbone is a CLIP
+    (:class:`~.contract.ClipModelContract`), images get CLIP's pre-processing, INT8 exports the
+    settings that suit a CLIP ViT."""
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: int | Sequence[int] | None = None) -> PreProcessor:
+        """CLIP's resize and normalisation (not anomalib's ImageNet default), also where anomalib's
+        benchmark asks for a pre-processor of a given ``image_size``."""
+        return clip_pre_processor(image_size or 518)
+
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:  # noqa: ANN401
         """``--compression_type int8_ptq``: anomalib's calibration data (the datamodule's validation
         images), with the settings that suit a CLIP ViT (:mod:`.quantization`) instead of NNCF's
@@ -272,23 +329,3 @@ class ZeroShotModuleMixin(ModelContract):
         if len(dataloader.dataset) < 300:
             logger.warning("%d calibration images; anomalib recommends at least 300", len(dataloader.dataset))
         return quantize_ov_model(model, dataloader)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen CLIP out (1.7 GB for ViT-L/14@336), but say which CLIP it was: it is
-        rebuilt from the settings when the checkpoint is loaded, and must be the same. The official
-        weights file is not needed again: what was learnt is in the checkpoint."""
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
-            del state[key]
-        checkpoint[IDENTITY_KEY] = self.identity()
-        if "official_checkpoint" in checkpoint.get("hyper_parameters", {}):
-            checkpoint["hyper_parameters"]["official_checkpoint"] = None
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.adopt_checkpoint_settings(checkpoint)  # builds the CLIP the checkpoint needs
-        state = checkpoint.setdefault("state_dict", {})
-        for key, value in self.state_dict().items():
-            if key.startswith(FROZEN_PREFIX):
-                state.setdefault(key, value)
