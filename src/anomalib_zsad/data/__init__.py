@@ -8,7 +8,10 @@ visible to jsonargparse by short name (``--data CrossDataset``, ``--data.train Z
 Nothing of anomalib is changed: the plugin's datamodules read images with :func:`read_image_rgb`
 themselves; :func:`install_rgb_image_reader` makes anomalib's own readers use it too, on request.
 
-* :class:`CrossDataset` - train on one data set's test split, test on another's category.
+* :class:`CrossDataset` - train on one data set's test split (or k shots per category), test on
+  another's category; every anomalib image datamodule is a source or a target.
+* :class:`MVTecLayout` - any data set in MVTec AD layout, masks optional (converted sets, own data);
+  converters from the published layouts: ``python -m anomalib_zsad.data.convert --list``.
 * :func:`make_demo_dataset` - write the small offline MVTec-layout demo set;
   :class:`ZSADDemo` - anomalib MVTecAD datamodule over it that generates it on demand.
 * :func:`validate_folder_dataset`, :class:`DatasetError` - early, explicit data checks.
@@ -25,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "CrossDataset": "anomalib_zsad.data.cross_dataset",
+    "MVTecLayout": "anomalib_zsad.data.mvtec_layout",
+    "select_shots": "anomalib_zsad.data.cross_dataset",
     "make_demo_dataset": "anomalib_zsad.data.demo",
     "ZSADDemo": "anomalib_zsad.data.demo_datamodule",
     "DatasetError": "anomalib_zsad.data.errors",
@@ -40,11 +45,12 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "activate"])
 
 if TYPE_CHECKING:
-    from anomalib_zsad.data.cross_dataset import CrossDataset
+    from anomalib_zsad.data.cross_dataset import CrossDataset, select_shots
     from anomalib_zsad.data.demo import make_demo_dataset
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
     from anomalib_zsad.data.errors import CorruptFileError, DatasetError
     from anomalib_zsad.data.image_io import install_rgb_image_reader, read_image_rgb, uninstall_rgb_image_reader
+    from anomalib_zsad.data.mvtec_layout import MVTecLayout
     from anomalib_zsad.data.validation import FolderSummary, validate_folder_dataset, validate_image_folder
 
 
@@ -65,6 +71,7 @@ def activate() -> None:
     """Import the datamodules, so jsonargparse finds them by short name. Changes nothing in anomalib."""
     from anomalib_zsad.data.cross_dataset import CrossDataset
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
+    from anomalib_zsad.data.mvtec_layout import MVTecLayout
 
 
 if "anomalib.data" in sys.modules:  # anomalib's import cost is already paid

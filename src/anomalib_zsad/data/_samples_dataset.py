@@ -98,6 +98,8 @@ class PooledDataset(AnomalibDataset):
         if row.has_mask:
             if label == 1:
                 gt_mask = read_mask_binary(row.mask_path, as_tensor=True)
+                for extra in getattr(row, "extra_mask_paths", None) or ():  # MVTec LOCO: one mask per defect
+                    gt_mask = Mask(gt_mask | read_mask_binary(extra, as_tensor=True))
             else:
                 gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
         if self.augmentations is not None:

@@ -14,7 +14,14 @@ Guarantees:
   or same bytes (a copy) all raise;
 * validation and test both use the target's test split for ``test_categories``;
 * a batch's ``gt_mask`` is a tensor for every image or ``None`` (source without masks); mixed
-  sources are batched separately, see :class:`MaskGroupedBatchSampler`.
+  sources are batched separately, see :class:`MaskGroupedBatchSampler`;
+* with ``shots_per_category=k`` training keeps k images of each source category (few-shot
+  auxiliary training, AA-CLIP's 2/16/64-shot tables), drawn per category from ``seed``,
+  stratified by label, after the target images are excluded (see :func:`select_shots`).
+
+Any anomalib image datamodule is a source or a target: MVTec AD, VisA, MPDD, BTech, Kolektor,
+BMAD, MVTec LOCO, MVTec AD 2, Real-IAD, Folder, and :class:`~anomalib_zsad.data.MVTecLayout` for
+the converted sets and users' own folders (what differs between them: ``_sources.py``).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import hashlib
 import logging
 import os
 import warnings
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from anomalib.data import AnomalibDataModule, Visa
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
@@ -40,7 +49,7 @@ from anomalib_zsad.data.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CrossDataset", "find_shared_images"]
+__all__ = ["CrossDataset", "find_shared_images", "select_shots"]
 
 
 class CrossDataset(AnomalibDataModule):
@@ -66,7 +75,12 @@ class CrossDataset(AnomalibDataModule):
             stray or missing masks. Cheap: Pillow opens each file without decoding its pixels
             (a fraction of a millisecond per file, figures in ``docs/data.md``); corrupt pixel data
             is caught when the image is read.
-        seed: seed of the training batch order (``None``: random).
+        seed: seed of the training batch order (``None``: random) and of the shots.
+        shots_per_category: few-shot auxiliary training: keep only this many training images of each
+            source category (``None``: all). Drawn with ``seed`` (0 when ``seed`` is ``None``),
+            stratified by label (normal/anomalous in the category's proportions, at least one of
+            each when both exist and k >= 2), independently per category, after the target images
+            are excluded; see :func:`select_shots`.
 
     Batches carry ``image``, ``gt_label`` and ``gt_mask`` (0/1, image size). For a source without
     masks ``gt_mask`` is ``None`` for the whole batch: train the image-level loss only.
@@ -87,6 +101,7 @@ class CrossDataset(AnomalibDataModule):
         augmentations: Transform | None = None,
         validate: bool = True,
         seed: int | None = None,
+        shots_per_category: int | None = None,
     ) -> None:
         super().__init__(
             train_batch_size=train_batch_size,
@@ -107,6 +122,10 @@ class CrossDataset(AnomalibDataModule):
         self.train_categories = train_categories
         self.test_categories = test_categories
         self.validate = validate
+        if shots_per_category is not None and int(shots_per_category) < 1:
+            msg = f"shots_per_category must be a positive number of images (or None for all), got {shots_per_category}"
+            raise DatasetError(msg)
+        self.shots_per_category = None if shots_per_category is None else int(shots_per_category)
         self.has_masks: bool | None = None  # known after setup: do all training batches carry masks?
         self._resolved_targets: tuple[str, list[str]] | None = None  # (repr of test_categories, names)
 
@@ -163,6 +182,9 @@ class CrossDataset(AnomalibDataModule):
             (source, resolve_categories(source, self.train_categories, default_own=False)) for source in self.sources
         ])
         self._check_disjoint(train_samples, test_samples)
+        if self.shots_per_category is not None:
+            train_samples = select_shots(train_samples, self.shots_per_category,
+                                         0 if self.seed is None else int(self.seed))
         self.has_masks = bool(train_samples["has_mask"].all())
         if not self.has_masks:
             maskless = sorted(set(train_samples.loc[~train_samples["has_mask"], "source"] + "/" +
@@ -225,6 +247,41 @@ class CrossDataset(AnomalibDataModule):
     def val_dataloader(self) -> EVAL_DATALOADERS:
         """Target test split (same images as :meth:`test_dataloader`)."""
         return super().val_dataloader()
+
+
+# ---------------------------------------------------------------------- few-shot auxiliary training
+def _stratified_counts(k: int, normal: int, anomalous: int) -> tuple[int, int]:
+    """How many normal and anomalous images make ``k`` shots of a category with these counts."""
+    if k >= normal + anomalous:
+        return normal, anomalous
+    take_anomalous = round(k * anomalous / (normal + anomalous))
+    if k >= 2 and normal and anomalous:  # both kinds present: at least one of each
+        take_anomalous = min(max(take_anomalous, 1), k - 1)
+    take_anomalous = min(take_anomalous, anomalous)
+    take_normal = min(k - take_anomalous, normal)
+    return take_normal, k - take_normal
+
+
+def select_shots(samples: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
+    """``k`` images of every ``(source, category)`` of a sample table, stratified by label.
+
+    Within a category the numbers of normal and anomalous images follow the category's proportions
+    (largest share rounded, at least one of each kind when both exist and ``k >= 2``). Each category
+    is drawn with its own generator, seeded by ``(seed, crc32(source/category))`` over its images
+    sorted by path: the draw does not depend on file listing order or on the other categories, and
+    the same seed gives the same images. Categories with ``k`` images or fewer are kept whole.
+    """
+    kept: list[int] = []
+    for (source, category), group in samples.groupby(["source", "category"], sort=True):
+        rng = np.random.default_rng([seed, zlib.crc32(f"{source}/{category}".encode())])
+        group = group.sort_values("image_path")
+        normal = group.index[group["label_index"] == 0].to_numpy()
+        anomalous = group.index[group["label_index"] == 1].to_numpy()
+        take_normal, take_anomalous = _stratified_counts(k, len(normal), len(anomalous))
+        kept += rng.permutation(normal)[:take_normal].tolist() + rng.permutation(anomalous)[:take_anomalous].tolist()
+    selected = samples.loc[sorted(kept)].reset_index(drop=True)
+    logger.info("Few-shot auxiliary training: %d of %d images (%d per category)", len(selected), len(samples), k)
+    return selected
 
 
 # ---------------------------------------------------------------------- overlap of training and target images

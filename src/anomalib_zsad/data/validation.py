@@ -16,7 +16,7 @@ of a millisecond per file (``benchmarks/validate_headers.py``, figures in ``docs
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,13 +123,14 @@ def _mask_image_stem(mask: Path) -> str:
     return mask.stem[: -len(MASK_SUFFIX)] if mask.stem.endswith(MASK_SUFFIX) else mask.stem
 
 
-def validate_mvtec_category(category_root: str | Path, decode: bool = False) -> FolderSummary:
+def validate_mvtec_category(category_root: str | Path, decode: bool = False, normal: str = "good") -> FolderSummary:
     """Check one category in MVTec AD layout (``test/<defect>/``, ``ground_truth/<defect>/``).
 
     Rules: ``test/`` holds at least one image; every mask matches an existing image
     ``test/<defect>/<stem>.*`` (mask named ``<stem>_mask.png`` or ``<stem>.png``); if the category
     has any mask, every anomalous image has one; masks have their image's size. A category with
-    no ``ground_truth`` folder at all is valid but reported as having no masks.
+    no ``ground_truth`` folder at all is valid but reported as having no masks. ``normal`` is the
+    folder of normal images (``good``; BTech: ``ok``).
     """
     root = Path(category_root)
     test_dir = root / "test"
@@ -164,7 +165,7 @@ def validate_mvtec_category(category_root: str | Path, decode: bool = False) -> 
             raise DatasetError(msg)
         masks_by_image[candidates[0]] = mask
 
-    anomalous = [p for defect, paths in test_images.items() if defect != "good" for p in paths]
+    anomalous = [p for defect, paths in test_images.items() if defect != normal for p in paths]
     if masks:
         for image in anomalous:
             if image not in masks_by_image:
@@ -190,12 +191,13 @@ def validate_mvtec_category(category_root: str | Path, decode: bool = False) -> 
     )
 
 
-def find_categories(root: str | Path) -> list[str]:
-    """Names of the sub-folders of ``root`` that look like MVTec-layout categories (have ``test/``)."""
+def find_categories(root: str | Path, marker: str = "test") -> list[str]:
+    """Names of the sub-folders of ``root`` that look like categories: they have a ``marker`` folder
+    (``test/`` in MVTec AD layout, ``test_public/`` in MVTec AD 2's)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "test").is_dir())
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / marker).is_dir())
 
 
 def validate_folder_dataset(root: str | Path, decode: bool = True) -> FolderSummary:
@@ -231,7 +233,7 @@ def validate_folder_dataset(root: str | Path, decode: bool = True) -> FolderSumm
 
 def validate_samples(
     image_paths: Iterable[str | Path],
-    mask_paths: Iterable[str | Path | None],
+    mask_paths: Iterable[str | Path | Sequence[str | Path] | None],
     labels: Iterable[int],
     source: str,
     decode: bool = False,
@@ -243,19 +245,24 @@ def validate_samples(
     zero-byte or non-image file fails here rather than mid-epoch. ``check_files=False`` skips the
     file checks (the caller has made them) and only checks that masks are all there or all absent.
 
+    An image may have several masks (a list: MVTec LOCO's one mask per defect); each is checked
+    against the image.
+
     Returns True when every anomalous sample (label 1) has a mask, False when none has one.
     Raises :class:`DatasetError` when only some have masks, a file is unreadable/missing, or a
     mask's size differs from its image's.
     """
     with_mask, without_mask = [], []
     for image, mask, label in zip(image_paths, mask_paths, labels, strict=True):
-        has_mask = isinstance(mask, str | Path) and str(mask) not in {"", "nan", "None"}
+        masks = [m for m in (mask if isinstance(mask, list | tuple) else [mask])
+                 if isinstance(m, str | Path) and str(m) not in {"", "nan", "None"}]
         if int(label) == 1:
-            (with_mask if has_mask else without_mask).append(Path(image))
+            (with_mask if masks else without_mask).append(Path(image))
         if not check_files:
             continue
-        if has_mask and int(label) == 1:
-            _check_pair(Path(image), Path(mask), decode)
+        if masks and int(label) == 1:
+            for one in masks:
+                _check_pair(Path(image), Path(one), decode)
         else:
             image_size(image, decode=decode)
     if with_mask and without_mask:
