@@ -17,15 +17,29 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 import anomalib_zsad.models as plugin_models
-from anomalib_zsad.models.components.contract import IDENTITY_KEY
+from anomalib_zsad.models.components.contract import IDENTITY_KEY, ClipModelContract
 from conftest import PROJECT_ROOT
 
 MODELS = [getattr(plugin_models, name) for name in plugin_models.__all__]
 TINY = {"backbone": "zsad-tiny", "pretrained": None, "image_size": 64}
-SHARED_VOCABULARY = ("backbone", "pretrained", "activation", "image_size", "official_checkpoint", "seed",
-                     "allow_clip_mismatch")
+# Models that are not CLIP-based: their tiny settings (random timm backbone, small flows).
+TINY_SETTINGS = {"BGAD": {"backbone": "resnet18", "layers": [1, 2], "pretrained": False, "image_size": 64,
+                          "coupling_layers": 2, "pos_embed_dim": 16, "flow_batch_size": 256, "permute_soft": False}}
+SHARED_VOCABULARY = ("backbone", "pretrained", "image_size", "official_checkpoint", "seed")
+CLIP_VOCABULARY = ("activation", "allow_clip_mismatch")
+# A second bad argument, beside image_size, per kind of model: CLIP's activation, BGAD's condition size.
+SECOND_BAD = {"BGAD": ("pos_embed_dim", 6)}
 RENAMED = {"AnomalyCLIP": "prompt_checkpoint", "AdaCLIP": "weights", "Vand": "checkpoint", "BayesPFL": "checkpoint"}
 ids = [model.__name__ for model in MODELS]
+
+
+def tiny(model_class: type) -> dict:
+    """Settings that build ``model_class`` small and offline (a tiny random CLIP, or its own)."""
+    return dict(TINY_SETTINGS.get(model_class.__name__, TINY))
+
+
+def is_clip(model_class: type) -> bool:
+    return issubclass(model_class, ClipModelContract)
 
 
 def lightning_checkpoint(model: AnomalibModule) -> dict:
@@ -39,7 +53,9 @@ def lightning_checkpoint(model: AnomalibModule) -> dict:
 def test_is_a_direct_anomalib_module_with_the_shared_vocabulary(model_class: type) -> None:
     assert AnomalibModule in model_class.__bases__  # anomalib's get_model only sees direct subclasses
     parameters = inspect.signature(model_class.__init__).parameters
-    assert set(SHARED_VOCABULARY) <= set(parameters)
+    assert {*SHARED_VOCABULARY, model_class.mismatch_flag} <= set(parameters)
+    if is_clip(model_class):
+        assert set(CLIP_VOCABULARY) <= set(parameters)
     if "class_name" in parameters:
         assert parameters["class_name"].default == "auto"
 
@@ -62,15 +78,23 @@ def test_construction_loads_no_clip(model_class: type) -> None:
 
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_bad_arguments_fail_at_construction_all_at_once(model_class: type) -> None:
+    name, value = SECOND_BAD.get(model_class.__name__, ("activation", "relu"))
     with pytest.raises(ValueError, match="image_size") as error:
-        model_class(**{**TINY, "image_size": 8, "activation": "relu"})
-    assert "activation" in str(error.value)
+        model_class(**{**tiny(model_class), "image_size": 8, name: value})
+    assert name in str(error.value)
 
 
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_image_size_off_the_patch_grid_warns(model_class: type) -> None:
+    """A CLIP's patch size is known from its name (warned at construction); a CNN's strides once
+    it is built (warned then)."""
+    def construct_and_build() -> None:
+        model = model_class(**{**tiny(model_class), "image_size": 70})
+        if not is_clip(model_class):
+            _ = model.model
+
     with pytest.warns(UserWarning, match="multiple of the patch size"):
-        model_class(**{**TINY, "image_size": 70})
+        construct_and_build()
 
 
 @pytest.mark.parametrize(("model_class", "arguments", "named"), [
@@ -82,10 +106,13 @@ def test_image_size_off_the_patch_grid_warns(model_class: type) -> None:
     ("BayesPFL", {"feature_layers": [5], "num_samples": 0, "score_alpha": 1.5}, ("feature_layers", "num_samples", "score_alpha")),
     ("CLIPBaseline", {"prompts": "winclip", "feature_layers": [5], "temperature": 0}, ("prompts", "feature_layers", "temperature")),
     ("CoOp", {"n_ctx": 0, "lam": -1, "dpam_start": 9}, ("n_ctx", "lam", "dpam_start")),
+    ("BGAD", {"pos_beta": 1.5, "ml_loss": "x", "score_normalization": "y", "layers": []},
+     ("pos_beta", "ml_loss", "score_normalization", "layers")),
 ])
 def test_model_specific_arguments_are_checked(model_class: str, arguments: dict, named: tuple) -> None:
+    cls = getattr(plugin_models, model_class)
     with pytest.raises(ValueError) as error:
-        getattr(plugin_models, model_class)(**TINY, **arguments)
+        cls(**{**tiny(cls), **arguments})
     for name in named:
         assert name in str(error.value)
 
@@ -97,7 +124,7 @@ def test_non_finite_official_weights_are_refused(model_class: type, tmp_path: Pa
     path = tmp_path / "official.pth"
     torch.save({"prompt_learner": {"ctx_pos": torch.tensor([1.0, float("nan")])}, "head.weight": torch.ones(2)}, path)
     with pytest.raises(ValueError, match="NaN or Inf" if model_class.has_learnt_parts else "no official weights"):
-        model_class(**TINY, official_checkpoint=path)
+        model_class(**tiny(model_class), official_checkpoint=path)
 
 
 @pytest.mark.parametrize("model_class", [m for m in MODELS if m.__name__ in RENAMED], ids=lambda m: m.__name__)
@@ -109,18 +136,19 @@ def test_old_official_weights_names_still_work_with_a_warning(model_class: type,
 
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_checkpoint_settings_are_adopted_and_conflicts_refused(model_class: type) -> None:
-    trained = model_class(**TINY, seed=3)
+    settings = tiny(model_class)
+    trained = model_class(**settings, seed=3)
     _ = trained.model  # trained: built
     trained.learnt_parts_trained.fill_(True)
     checkpoint = lightning_checkpoint(trained)
-    assert checkpoint[IDENTITY_KEY]["backbone"] == "zsad-tiny"
-    assert not any(key.startswith("model.clip.") for key in checkpoint["state_dict"])
+    assert checkpoint[IDENTITY_KEY]["backbone"] == settings["backbone"]
+    assert not any(key.startswith(model_class.frozen_prefixes) for key in checkpoint["state_dict"])
 
     # --ckpt_path alone: every setting the user did not give comes from the checkpoint
     fresh = model_class()
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
-    assert fresh.settings["backbone"] == "zsad-tiny"
+    assert fresh.settings["backbone"] == settings["backbone"]
     assert fresh.pre_processor.transform.transforms[0].size == [64, 64]
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     trained.eval()
@@ -130,10 +158,10 @@ def test_checkpoint_settings_are_adopted_and_conflicts_refused(model_class: type
 
     # a setting the user did give, against the checkpoint: refused, naming what it needs
     with pytest.raises(ValueError, match="seed: checkpoint 3, now 1"):
-        model_class(**TINY, seed=1).on_load_checkpoint(lightning_checkpoint(trained))
+        model_class(**settings, seed=1).on_load_checkpoint(lightning_checkpoint(trained))
     with pytest.raises(ValueError, match="image_size"):
-        model_class(**{**TINY, "image_size": 96}).on_load_checkpoint(lightning_checkpoint(trained))
-    knowingly = model_class(**TINY, seed=1, allow_clip_mismatch=True)
+        model_class(**{**settings, "image_size": 96}).on_load_checkpoint(lightning_checkpoint(trained))
+    knowingly = model_class(**settings, seed=1, **{model_class.mismatch_flag: True})
     knowingly.on_load_checkpoint(lightning_checkpoint(trained))
     assert knowingly.settings["seed"] == 1
 
@@ -159,7 +187,7 @@ def test_weights_file_identity_is_its_content(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_paper_epochs_unless_the_user_gives_a_limit(model_class: type) -> None:
-    model = model_class(**TINY)
+    model = model_class(**tiny(model_class))
     paper = model.default_max_epochs()
     if not model_class.has_learnt_parts:  # nothing to train: Lightning's settings are left alone
         assert paper is None
@@ -183,7 +211,8 @@ def test_paper_epochs_unless_the_user_gives_a_limit(model_class: type) -> None:
 
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_untrained_learnt_parts_warn_at_inference(model_class: type, caplog: pytest.LogCaptureFixture) -> None:
-    model = model_class(**TINY)
+    settings = tiny(model_class)
+    model = model_class(**settings)
     if not model_class.has_learnt_parts:  # nothing to learn: ready as it is, nothing to warn about
         with caplog.at_level("WARNING"):
             model.ready_for_inference()
@@ -193,7 +222,7 @@ def test_untrained_learnt_parts_warn_at_inference(model_class: type, caplog: pyt
         model.ready_for_inference()
     assert "never trained nor loaded" in caplog.text
     caplog.clear()
-    fitting = model_class(**TINY)  # the sanity validation before training is not a warning case
+    fitting = model_class(**settings)  # the sanity validation before training is not a warning case
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fitting.trainer = Trainer(logger=False, enable_checkpointing=False)
@@ -202,10 +231,10 @@ def test_untrained_learnt_parts_warn_at_inference(model_class: type, caplog: pyt
         fitting.ready_for_inference()
     assert "never trained" not in caplog.text
     with caplog.at_level("WARNING"):
-        model_class(**TINY)._freeze_for_export()  # what every export runs first
+        model_class(**settings)._freeze_for_export()  # what every export runs first
     assert "never trained nor loaded" in caplog.text
     caplog.clear()
-    trained = model_class(**TINY)
+    trained = model_class(**settings)
     trained.learnt_parts_trained.fill_(True)
     with caplog.at_level("WARNING"):
         trained.ready_for_inference()
@@ -277,6 +306,7 @@ def test_labels_and_masks_use_the_learnt_raw_thresholds() -> None:
 def test_same_settings_same_model(model_class: type) -> None:
     """The learnt parts start from ``seed``: two models built alike give the same numbers."""
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    first, second = model_class(**TINY, seed=5).eval(), model_class(**TINY, seed=5).eval()
+    settings = tiny(model_class)
+    first, second = model_class(**settings, seed=5).eval(), model_class(**settings, seed=5).eval()
     with torch.no_grad():
         torch.testing.assert_close(first.model(images).anomaly_map, second.model(images).anomaly_map, atol=0, rtol=0)

@@ -3,7 +3,9 @@ for its models: fit on auxiliary data, test, predict a folder, a checkpoint that
 and enough on its own, reload identical, torch/ONNX/OpenVINO exports equal to torch.
 
 A new model gets all of this by being registered in ``anomalib_zsad.models``; ``FLOW_SETTINGS``
-only shortens its training for the tiny data set where its schedule is long.
+only shortens its training for the tiny data set where its schedule is long. A model that learns
+from a few anomalies of the target (BGAD) runs the same flow on the few-anomaly protocol
+(:class:`~anomalib_zsad.data.few_anomalies.FewAnomalies` over the demo set) instead of auxiliary data.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from anomalib.engine import Engine
 
 import anomalib_zsad.models as plugin_models
 from anomalib_zsad.data import CrossDataset
+from anomalib_zsad.data.few_anomalies import FewAnomalies
 from anomalib_zsad.models.components.contract import IDENTITY_KEY
 from anomalib_zsad.models.components.lightning import PAPER_METRICS
 from conftest import (
@@ -33,6 +36,9 @@ from conftest import (
 
 MODELS = [getattr(plugin_models, name) for name in plugin_models.__all__]
 TINY = {"backbone": "zsad-tiny", "pretrained": None, "image_size": 64}
+# Models that are not CLIP-based: their tiny settings (random timm backbone, small flows).
+TINY_SETTINGS = {"BGAD": {"backbone": "resnet18", "layers": [1, 2], "pretrained": False, "image_size": 64,
+                          "coupling_layers": 2, "pos_embed_dim": 16, "flow_batch_size": 256, "permute_soft": False}}
 # (constructor settings, epochs): short schedules that still run every training stage once.
 FLOW_SETTINGS: dict[str, tuple[dict, int]] = {
     "AACLIP": ({"text_epochs": 1, "image_epochs": 1}, 2),
@@ -42,14 +48,18 @@ FLOW_SETTINGS: dict[str, tuple[dict, int]] = {
     # clusters and 6 unrolled iterations keep the exported k-means small (20 x 30 took minutes to
     # optimise); the equality check below still holds the export to the eager (converged) result
     "AdaCLIP": ({"round_prompts_to_fp16": False, "k_clusters": 4, "kmeans_export_iterations": 6}, 1),
+    # one meta epoch of likelihood on normal images, one with the boundary-guided loss
+    "BGAD": ({"meta_epochs": 2, "sub_epochs": 1}, 2),
 }
 EXPORT_TOLERANCE = 1e-4
 CONFIG_FILES = {"AnomalyCLIP": "anomalyclip", "Vand": "vand", "AdaCLIP": "adaclip", "AACLIP": "aa_clip",
-                "BayesPFL": "bayes_pfl", "GlocalCLIP": "glocalclip", "CLIPBaseline": "clip_baseline", "CoOp": "coop"}
+                "BayesPFL": "bayes_pfl", "GlocalCLIP": "glocalclip", "CLIPBaseline": "clip_baseline", "CoOp": "coop",
+                "BGAD": "bgad"}
 
 
 def learnt_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.model.named_parameters() if not n.startswith("clip.")}
+    frozen = tuple(prefix.removeprefix("model.") for prefix in model.frozen_prefixes)
+    return {n: p.detach().clone() for n, p in model.model.named_parameters() if not n.startswith(frozen)}
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +69,22 @@ def cross_data(demo_root: Path) -> CrossDataset:
                         train_categories=["brick", "grass"], train_batch_size=4, eval_batch_size=4, num_workers=0)
 
 
+@pytest.fixture(scope="module")
+def few_anomaly_data(demo_root: Path) -> FewAnomalies:
+    """coffee's normal training images and 2 of its anomalous test images; tested on the rest."""
+    return FewAnomalies(MVTecAD(root=demo_root, category="coffee", train_batch_size=4, eval_batch_size=4,
+                                num_workers=0), k=2, seed=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_class", MODELS, ids=[m.__name__ for m in MODELS])
-def test_fit_test_predict_checkpoint_reload_export(model_class: type, cross_data: CrossDataset, demo_root: Path,
-                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_fit_test_predict_checkpoint_reload_export(model_class: type, request: pytest.FixtureRequest,
+                                                    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     settings, epochs = FLOW_SETTINGS.get(model_class.__name__, ({}, 1))
-    model = model_class(**TINY, **settings)
+    tiny = TINY_SETTINGS.get(model_class.__name__, TINY)
+    cross_data = request.getfixturevalue("few_anomaly_data" if model_class.learns_from_anomalies else "cross_data")
+    model = model_class(**tiny, **settings)
     learns = model_class.has_learnt_parts
     # untrained: Engine.fit trains it; nothing to learn (zero-shot): Engine.fit only validates it
     assert model.learning_type == (LearningType.ONE_CLASS if learns else LearningType.ZERO_SHOT)
@@ -98,7 +117,7 @@ def test_fit_test_predict_checkpoint_reload_export(model_class: type, cross_data
         engine.trainer.save_checkpoint(checkpoint)
     checkpoint = Path(checkpoint)
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    assert stored[IDENTITY_KEY]["backbone"] == "zsad-tiny"
+    assert stored[IDENTITY_KEY]["backbone"] == tiny["backbone"]
     reloaded = assert_reloads_identically(model, checkpoint)
 
     # --ckpt_path alone: a model built from the defaults (ViT-L/14@336, not available here) tests as

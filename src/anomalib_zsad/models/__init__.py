@@ -5,9 +5,10 @@ from .aa_clip import AACLIP
 from .adaclip import AdaCLIP
 from .anomalyclip import AnomalyCLIP
 from .bayes_pfl import BayesPFL
+from .bgad import BGAD
 from .clip_baseline import CLIPBaseline
 from .coop import CoOp
 from .glocalclip import GlocalCLIP
 from .vand import Vand
 
-__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BayesPFL", "CLIPBaseline", "CoOp", "GlocalCLIP", "Vand"]
+__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BGAD", "BayesPFL", "CLIPBaseline", "CoOp", "GlocalCLIP", "Vand"]

@@ -227,6 +227,8 @@ class ModelContract:
     mismatch_flag: ClassVar[str] = "allow_backbone_mismatch"
     #: what the backbone is called in messages
     backbone_noun: ClassVar[str] = "backbone"
+    #: trains on the target's normal images plus a few of its anomalies (the benchmark's "supervised" regime)
+    learns_from_anomalies: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ what a model fills in
     def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
