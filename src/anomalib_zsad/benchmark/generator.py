@@ -49,17 +49,34 @@ def name_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return named
 
 
+def _takes_category(class_path: str) -> bool:
+    """Whether the datamodule's constructor has a ``category`` (``Folder`` and ``Kolektor`` are one category)."""
+    import inspect
+
+    from .resolve import DATA_NAMESPACES, import_class
+
+    try:
+        return "category" in inspect.signature(import_class(class_path, DATA_NAMESPACES)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return True  # unknown here: let the datamodule's own error speak when it is built
+
+
 def expand_datasets(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``[{class_path, init_args, categories, name?}]`` -> one data config per category."""
+    """``[{class_path, init_args, categories, name?}]`` -> one data config per category.
+
+    A datamodule without a ``category`` argument (``Folder``, ``Kolektor``) is one cell and takes no
+    ``categories``."""
     configs = []
     for dataset in datasets:
         categories = dataset.get("categories")
-        if not categories:
+        single = not _takes_category(str(dataset.get("class_path", "")))
+        if not categories and not single:
             msg = f"data set {dataset.get('class_path')!r} in 'datasets' needs a non-empty 'categories' list"
             raise ValueError(msg)
-        for category in categories:
+        for category in [None] if single else categories:
+            extra = {} if category is None else {"category": category}
             config = {"class_path": dataset["class_path"],
-                      "init_args": {**copy.deepcopy(dataset.get("init_args") or {}), "category": category}}
+                      "init_args": {**copy.deepcopy(dataset.get("init_args") or {}), **extra}}
             if dataset.get("name"):
                 config["name"] = dataset["name"]
             configs.append(config)

@@ -283,7 +283,7 @@ class ZSADBenchmarkJob(Job):
         return {
             "regime": regime,
             "train_data": (aux_config or {}).get("class_path", ""),
-            "category": datamodule.category,
+            "category": datamodule.category or datamodule.name,  # Folder, Kolektor: one category
             **{column: float(metrics.get(column, float("nan"))) for column in PAPER_METRICS},
             "fit_time_s": fit_seconds,
             "fit_shared": shared,

@@ -102,6 +102,23 @@ def _markdown_table(frame: pd.DataFrame, digits: dict[str, int] | None = None) -
     return "\n".join([head, rule, *body])
 
 
+def undefined_metric_notes(rows: pd.DataFrame, dataset: str) -> list[str]:
+    """Lines saying why a data set's image or pixel metrics are ``n/a`` for every model that ran.
+
+    The evaluator reports nothing where a metric is undefined (``components/metrics.py``): pixel metrics
+    on a set without masks (HeadCT, BrainMRI, Br35H, COVID-19: image labels only), image metrics on a
+    set of anomalous images only (ISIC, the polyp sets, TN3K: the papers report pixel metrics there).
+    """
+    ok = rows[(rows["dataset"] == dataset) & (rows["status"] == "ok")] if "status" in rows else rows.iloc[0:0]
+    notes = []
+    for kind, reason in (("image", "its test set has one class of images only (anomalous images, no normal ones)"),
+                         ("pixel", "its test images have no masks (image labels only)")):
+        columns = [m for m in METRICS if m.startswith(kind) and m in ok]
+        if len(ok) and columns and ok[columns].astype(float).isna().all().all():
+            notes += [f"*{kind.capitalize()} metrics n/a for {dataset}: {reason}; undefined there, not failed.*", ""]
+    return notes
+
+
 def markdown_report(table: pd.DataFrame, rows: pd.DataFrame, title: str = "Benchmark results") -> str:
     """Per data set: the mean table (with timing), then one table per category."""
     lines = [f"# {title}", "",
@@ -114,6 +131,7 @@ def markdown_report(table: pd.DataFrame, rows: pd.DataFrame, title: str = "Bench
         mean = sub[MEAN].join(sub["time"])
         lines += [f"## {dataset}: mean over categories", "",
                   _markdown_table(mean, {"train_s": 1, "infer_ms/img": 2}), ""]
+        lines += undefined_metric_notes(rows, dataset)
         for category in sub.columns.get_level_values("category").unique():
             if category in (MEAN, "time"):
                 continue

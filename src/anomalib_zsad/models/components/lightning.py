@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
-from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
+from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.callbacks import Timer
@@ -45,6 +45,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_zsad.clip import CLIP_MEAN, CLIP_STD
 
 from .contract import IDENTITY_KEY, ClipModelContract, ModelContract
+from .metrics import AUPR, AUPRO, AUROC, F1Max  # anomalib's, n/a where one class is missing
 from .post_processing import RawScorePostProcessor
 from .quantization import quantize_ov_model
 
@@ -90,7 +91,9 @@ def imagenet_pre_processor(image_size: int | Sequence[int] = 256,
 
 def paper_evaluator() -> Evaluator:
     """The figures the ZSAD papers report: image AUROC / AP / F1-max, pixel AUROC / AUPRO / F1-max
-    (pixel metrics skipped, not failed, for models or data without maps or masks)."""
+    (pixel metrics skipped, not failed, for models or data without maps or masks; a metric whose
+    targets hold one class only, e.g. image metrics on a set of anomalous images, reports nothing:
+    see ``components/metrics.py``)."""
     return Evaluator(test_metrics=[
         metric_cls(fields=fields, prefix=column.split("_", 1)[0] + "_", strict=column.startswith("image_"))
         for column, (metric_cls, fields) in PAPER_METRIC_FIELDS.items()])
