@@ -208,7 +208,7 @@ def category_test_samples(
             validate_mvtec_category(parent / category, normal=normal)
             files_checked = True
         if not (parent / category / "ground_truth").is_dir():
-            return _maskless_mvtec_samples(parent / category, type(datamodule).__name__, normal)
+            return _maskless_mvtec_samples(parent / category, str(datamodule.name), normal)
     try:
         if isinstance(view, MVTecLOCO):
             samples = _loco_test_samples(Path(view.root) / category)
@@ -248,7 +248,7 @@ def category_test_samples(
         "mask_path": mask_paths.to_numpy() if has_mask else "",
         "extra_mask_paths": extra if has_mask else [()] * len(samples),
         "label_index": labels.to_numpy(),
-        "source": type(datamodule).__name__,
+        "source": str(datamodule.name),  # the class name; a Folder or MVTecLayout set: its own name
         "category": category,
         "has_mask": has_mask,
     })

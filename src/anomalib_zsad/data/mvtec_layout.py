@@ -99,6 +99,9 @@ class MVTecLayout(MVTecAD):
         category: one category folder below ``root``.
         normal_folder: name of the folders of normal images (``good``; BTech: ``ok``).
         validate: check every image and mask up front (headers, sizes, pairing) in ``setup``.
+        name: the data set's name (default: the name of ``root``'s folder, e.g. ``HeadCT``): where
+            anomalib writes a run (``results/<model>/<name>/<category>``) and how a benchmark grid's
+            ``train_data`` mapping finds the set.
         Other arguments: as :class:`anomalib.data.MVTecAD`; the test split is used as it is on disk.
     """
 
@@ -108,6 +111,7 @@ class MVTecLayout(MVTecAD):
         category: str = "good_and_bad",
         normal_folder: str = "good",
         validate: bool = True,
+        name: str | None = None,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 8,
@@ -139,6 +143,12 @@ class MVTecLayout(MVTecAD):
         )
         self.normal_folder = normal_folder
         self.validate = validate
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The data set's name: the ``name`` argument, else the name of the ``root`` folder."""
+        return self._name or Path(self.root).resolve().name
 
     def prepare_data(self) -> None:
         """Check that the category is on disk (nothing is downloaded)."""
