@@ -36,6 +36,7 @@ __all__ = [
     "image_size",
     "list_images",
     "validate_folder_dataset",
+    "validate_good_bad_folder",
     "validate_image_folder",
     "validate_mvtec_category",
     "validate_samples",
@@ -47,7 +48,7 @@ class FolderSummary:
     """What :func:`validate_folder_dataset` found (useful for logging and tests)."""
 
     root: Path
-    layout: str  # "mvtec_dataset" (root/<category>/test/...), "mvtec_category" or "images"
+    layout: str  # "mvtec_dataset" (root/<category>/test/...), "mvtec_category", "good_bad" or "images"
     categories: tuple[str, ...] = ()
     num_images: int = 0
     num_masks: int = 0
@@ -205,6 +206,8 @@ def validate_folder_dataset(root: str | Path, decode: bool = True) -> FolderSumm
 
     * ``root/test/...`` -> one MVTec-layout category (:func:`validate_mvtec_category`);
     * ``root/<category>/test/...`` -> a whole MVTec-layout data set, every category checked;
+    * ``root/good/`` beside other image folders (``bad/``, ``crack/`` ...) and optionally ``masks/`` ->
+      a folder of good and bad images, as anomalib's ``Folder`` reads it (:func:`validate_good_bad_folder`);
     * anything else -> a plain image folder (searched recursively), as ``anomalib predict`` takes.
     """
     root = Path(root)
@@ -227,8 +230,110 @@ def validate_folder_dataset(root: str | Path, decode: bool = True) -> FolderSumm
             num_masks=sum(s.num_masks for s in summaries),
             categories_without_masks=tuple(c for s in summaries for c in s.categories_without_masks),
         )
+    if root.is_dir() and _normal_folder(root) is not None:
+        return validate_good_bad_folder(root, decode=decode)
     images = validate_image_folder(root, decode=decode)
     return FolderSummary(root=root, layout="images", num_images=len(images))
+
+
+NORMAL_FOLDER_NAMES = ("good", "normal", "ok")
+MASK_FOLDER_NAMES = ("masks", "mask", "ground_truth", "gt")
+
+
+def _normal_folder(root: Path) -> Path | None:
+    for name in NORMAL_FOLDER_NAMES:
+        if (root / name).is_dir() and list_images(root / name):
+            return root / name
+    return None
+
+
+def validate_good_bad_folder(root: str | Path, decode: bool = True, normal_dir: str | None = None,
+                             mask_dir: str | None = None) -> FolderSummary:
+    """Check a folder of good and bad images as anomalib's ``Folder`` reads it.
+
+    Layout: ``root/<normal_dir>/`` (default: the first of ``good``, ``normal``, ``ok`` that holds images)
+    for normal images; every other sub-folder with images (``bad/``, ``crack/`` ...) for anomalous ones;
+    optionally ``root/<mask_dir>/`` (default: ``masks``, ``mask``, ``ground_truth`` or ``gt``) with one mask
+    per anomalous image, named ``<stem>.png`` or ``<stem>_mask.png``.
+
+    Rules: every image and mask is readable (``decode=True``: every pixel); anomalous image names are
+    unique across their folders when there are masks (``Folder`` pairs masks by name); every mask has
+    its image and every anomalous image a mask (or no mask at all: image labels only); masks have their
+    image's size. Raises :class:`DatasetError` on the first problem, naming the file and the fix.
+    """
+    root = Path(root)
+    normal = root / normal_dir if normal_dir else _normal_folder(root)
+    if normal is None or not normal.is_dir():
+        msg = (f"'{root}' has no folder of normal images: expected {root}/good/ (or normal/, ok/) with images, "
+               "beside the anomalous ones (e.g. bad/) and optionally masks/.")
+        raise DatasetError(msg)
+    masks_root = root / mask_dir if mask_dir else next(
+        (root / n for n in MASK_FOLDER_NAMES if (root / n).is_dir()), None)
+    anomalous_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d not in {normal, masks_root}
+                      and list_images(d)]
+    normal_images = list_images(normal)
+    by_stem: dict[str, Path] = {}
+    for folder in anomalous_dirs:
+        for image in list_images(folder):
+            if image.stem in by_stem and masks_root is not None:
+                msg = (f"Anomalous images '{by_stem[image.stem]}' and '{image}' share the name '{image.stem}', so a "
+                       "mask cannot tell which one it belongs to. Rename one of them (and its mask).")
+                raise DatasetError(msg)
+            by_stem.setdefault(image.stem, image)
+    masks = list_images(masks_root, recursive=True) if masks_root is not None else []
+    paired: dict[Path, Path] = {}
+    for mask in masks:
+        image = by_stem.get(_mask_image_stem(mask))
+        if image is None:
+            msg = (f"Mask '{mask}' has no anomalous image named '{_mask_image_stem(mask)}.<ext>' in "
+                   f"{', '.join(str(d) for d in anomalous_dirs) or 'any anomalous folder'}. Delete the stray mask "
+                   "(a mask of a good image is not needed) or add the missing image.")
+            raise DatasetError(msg)
+        paired[image] = mask
+    if masks:
+        missing = [image for image in by_stem.values() if image not in paired]
+        if missing:
+            msg = (f"Anomalous image '{missing[0]}' has no mask; expected '{masks_root / missing[0].stem}.png' (or "
+                   f"'{missing[0].stem}{MASK_SUFFIX}.png'). Add the masks of all {len(missing)} such image(s), or "
+                   "remove the masks folder to use the images with labels only.")
+            raise DatasetError(msg)
+    for image, mask in paired.items():
+        _check_pair(image, mask, decode)
+    for image in [*normal_images, *(i for i in by_stem.values() if i not in paired)]:
+        image_size(image, decode=decode)
+    return FolderSummary(
+        root=root,
+        layout="good_bad",
+        categories=(root.name,),
+        num_images=len(normal_images) + len(by_stem),
+        num_masks=len(masks),
+        categories_without_masks=() if masks or not by_stem else (root.name,),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> FolderSummary | None:
+    """``python -m anomalib_zsad.data.validation <folder> [--no-decode]``: check a folder, print what was found."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m anomalib_zsad.data.validation",
+                                     description="Check a data set folder before training or testing on it.")
+    parser.add_argument("folder")
+    parser.add_argument("--no-decode", action="store_true", help="read headers only (fast), not every pixel")
+    args = parser.parse_args(argv)
+    try:
+        summary = validate_folder_dataset(args.folder, decode=not args.no_decode)
+    except DatasetError as error:
+        parser.exit(2, f"error: {error}\n")
+    masks = ("no masks (image labels only)" if not summary.num_masks else
+             f"{summary.num_masks} masks" + (f"; without masks: {', '.join(summary.categories_without_masks)}"
+                                             if summary.categories_without_masks else ""))
+    print(f"{summary.root}: {summary.layout}, {len(summary.categories) or 1} categor"
+          f"{'ies' if len(summary.categories) > 1 else 'y'}, {summary.num_images} images, {masks}: OK")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
 
 
 def validate_samples(
