@@ -12,6 +12,9 @@ lists, so existing anomalib configs keep working):
 * ``output_dir:`` - where the timestamped run folder goes (default ``runs/zsad_benchmark``).
 * in a model entry: ``name`` (the table's row label), ``train_data`` (auxiliary training data,
   see :mod:`anomalib_zsad.benchmark.job`).
+* ``few_anomalies:`` - ``{k, seed, ...}``: the few-anomaly (supervised) protocol for every cell
+  (a model entry may carry its own): BGAD trains on k anomalous test images, every model is
+  evaluated without them (see :mod:`anomalib_zsad.benchmark.job`).
 """
 
 from __future__ import annotations
@@ -137,4 +140,5 @@ class ZSADBenchmarkJobGenerator(JobGenerator):
                 data_config=container["data"],
                 trainer_kwargs=container.get("trainer") or {},
                 run_dir=run_dir,
+                few_anomalies=container.get("few_anomalies"),
             )

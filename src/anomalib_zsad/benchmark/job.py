@@ -16,6 +16,16 @@ latency. Here the training regime follows the model:
                  folder and reused for every category that shares the same auxiliary config.
 ``full-shot``  - anything else (PatchCore, Reverse Distillation): ``Engine.fit`` on the target's
                  normal training images, then test.
+``supervised`` - a model that learns from a few anomalies of the target (BGAD,
+                 ``learns_from_anomalies``): ``Engine.fit`` on the target's normal training images
+                 plus ``k`` anomalous test images with masks
+                 (:class:`~anomalib_zsad.data.few_anomalies.FewAnomalies`, k = 10 by default), then
+                 test on the test split without them.
+
+``few_anomalies: {k, seed, per_defect_type, reuse, copy_paste}`` (in the ``benchmark`` section for
+the whole grid, or in a model entry) sets the draw; where it is given, every model of the grid is
+evaluated on the same test images (the draw left out), so supervised and unsupervised rows compare
+alike. The draw of each cell is written to ``<run>/few_anomalies/``.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from anomalib.callbacks import ModelCheckpoint
 from anomalib.pipelines.components import Job
 from lightning import seed_everything
 
-from anomalib_zsad.models.components import ZeroShotModuleMixin
+from anomalib_zsad.models.components import PluginModuleMixin
 from anomalib_zsad.models.components.lightning import PAPER_METRIC_FIELDS as PAPER_METRICS
 
 from .evaluation import BenchmarkEngine, InferenceTimer, use_raw_scores
@@ -47,7 +57,9 @@ from .resolve import MODEL_NAMESPACES, build_datamodule, build_model, import_cla
 logger = logging.getLogger(__name__)
 
 #: Keys of a model entry that configure the benchmark rather than the model's constructor.
-BENCHMARK_KEYS = ("name", "train_data", "trainer", "image_size")
+BENCHMARK_KEYS = ("name", "train_data", "trainer", "image_size", "few_anomalies")
+#: ``few_anomalies`` keys passed to :class:`~anomalib_zsad.data.few_anomalies.FewAnomalies` (default k: 10).
+FEW_ANOMALY_KEYS = ("k", "seed", "per_defect_type", "reuse", "copy_paste")
 
 
 def _resize_sizes(transform: Any) -> list[tuple[int, ...]]:  # noqa: ANN401
@@ -99,7 +111,9 @@ def select_train_data(train_data: dict | None, *target_names: str) -> dict | Non
 
 
 def regime_of(model: Any, train_data: dict | None) -> str:  # noqa: ANN401
-    """``auxiliary`` / ``zero-shot`` / ``few-shot`` / ``full-shot`` (see module doc)."""
+    """``supervised`` / ``auxiliary`` / ``zero-shot`` / ``few-shot`` / ``full-shot`` (see module doc)."""
+    if getattr(model, "learns_from_anomalies", False):
+        return "supervised"
     if train_data:
         return "auxiliary"
     if model.learning_type == LearningType.ZERO_SHOT:
@@ -160,6 +174,7 @@ class ZSADBenchmarkJob(Job):
         data_config: dict[str, Any],
         trainer_kwargs: dict[str, Any],
         run_dir: str | Path,
+        few_anomalies: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.accelerator = accelerator
@@ -168,6 +183,7 @@ class ZSADBenchmarkJob(Job):
         self.data_config = copy.deepcopy(data_config)
         self.trainer_kwargs = dict(trainer_kwargs)
         self.run_dir = Path(run_dir)
+        self.few_anomalies = copy.deepcopy(few_anomalies) if few_anomalies else None
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -192,11 +208,11 @@ class ZSADBenchmarkJob(Job):
             size = self.model_entry["image_size"]
             # A plugin model takes the size itself (its CLIP pre-processor, and the size recorded
             # in its checkpoints); other models get their own pre-processor at that size.
-            sized = {"image_size": size} if issubclass(model_cls, ZeroShotModuleMixin) else {
+            sized = {"image_size": size} if issubclass(model_cls, PluginModuleMixin) else {
                 "pre_processor": sized_pre_processor(model_cls, size)}
             config = {**config, "init_args": {**(config.get("init_args") or {}), **sized}}
         model = build_model(config)
-        if isinstance(model, ZeroShotModuleMixin):
+        if isinstance(model, PluginModuleMixin):
             _ = model.model  # built now, under the job's seed, so cached weights have a model to fit
         use_raw_scores(model)
         return model
@@ -256,6 +272,26 @@ class ZSADBenchmarkJob(Job):
             row["traceback"] = traceback.format_exc()
         return row
 
+    def _few_anomaly_settings(self, regime: str) -> dict[str, Any] | None:
+        """The draw of the few-anomaly protocol for this cell (model entry over grid), or None."""
+        given = {**(self.few_anomalies or {}), **(self.model_entry.get("few_anomalies") or {})}
+        if not given and regime != "supervised":
+            return None
+        unknown = sorted(set(given) - set(FEW_ANOMALY_KEYS))
+        if unknown:
+            msg = f"few_anomalies: unknown key(s) {unknown}; known: {list(FEW_ANOMALY_KEYS)}"
+            raise ValueError(msg)
+        return {"k": 10, "seed": self.seed, **given}
+
+    def _few_anomaly_data(self, datamodule: Any, regime: str, settings: dict[str, Any]) -> Any:  # noqa: ANN401
+        """The target wrapped in the few-anomaly protocol: trained on (supervised) or only left out."""
+        from anomalib_zsad.data.few_anomalies import FewAnomalies
+
+        dataset = self.data_config.get("name") or datamodule.name
+        cell = f"{dataset}-{datamodule.category or 'all'}-{self.model_entry['name']}"
+        record = self.run_dir / "few_anomalies" / f"{cell}.json"
+        return FewAnomalies(datamodule, in_training=regime == "supervised", record_path=record, **settings)
+
     def _run(self, devices: Any) -> dict[str, Any]:  # noqa: ANN401
         model = self._fresh_model()
         data_config = {k: v for k, v in self.data_config.items() if k != "name"}
@@ -263,6 +299,9 @@ class ZSADBenchmarkJob(Job):
         aux_config = select_train_data(self.model_entry.get("train_data"), self.data_config.get("name", ""),
                                        datamodule.name)
         regime = regime_of(model, aux_config)
+        few = self._few_anomaly_settings(regime)
+        if few is not None:
+            datamodule = self._few_anomaly_data(datamodule, regime, few)
         if regime == "full-shot" and hasattr(model, "learnt_parts_trained"):
             # anomalib_zsad's CLIP methods report ONE_CLASS until trained; fitting them on the
             # target's normal images would be neither their protocol nor zero-shot.
@@ -273,15 +312,17 @@ class ZSADBenchmarkJob(Job):
         with TemporaryDirectory() as root:
             if regime == "auxiliary":
                 model, fit_seconds, shared = self._train_auxiliary(model, aux_config, datamodule, root, devices)
-            elif regime == "full-shot":
+            elif regime in {"full-shot", "supervised"}:
                 start = time.perf_counter()
                 self._engine(root, devices).fit(model, datamodule=datamodule)
                 fit_seconds = time.perf_counter() - start
             timer = InferenceTimer()
             results = self._engine(root, devices, [timer]).test(model, datamodule=datamodule, verbose=False)
         metrics = results[0] if results else {}
+        drawn = getattr(datamodule, "drawn", None)
         return {
             "regime": regime,
+            "anomalies_held_out": 0 if drawn is None else len(drawn),
             "train_data": (aux_config or {}).get("class_path", ""),
             "category": datamodule.category or datamodule.name,  # Folder, Kolektor: one category
             **{column: float(metrics.get(column, float("nan"))) for column in PAPER_METRICS},

@@ -104,6 +104,19 @@ class _Flip(v2.Transform):
         return tuple(type(x)(torch.flip(x, dims=dims)) for x in inputs)
 
 
+class _Elastic(v2.Transform):
+    """torchvision's elastic transform with displacement and smoothness relative to the image size
+    (a fixed sigma would be larger than a small image)."""
+
+    def __init__(self, alpha: float, sigma: float) -> None:
+        super().__init__()
+        self.alpha, self.sigma = alpha, sigma
+
+    def __call__(self, *inputs: Any) -> Any:  # noqa: ANN401
+        side = min(inputs[0].shape[-2:])
+        return v2.ElasticTransform(alpha=self.alpha * side, sigma=max(self.sigma * side, 0.1))(*inputs)
+
+
 class _GaussNoise(v2.Transform):
     def __call__(self, image: Any, mask: Any) -> Any:  # noqa: ANN401
         noisy = (image + torch.randn_like(image) * (float(torch.empty(()).uniform_(10, 50)) ** 0.5 / 255)).clamp(0, 1)
@@ -119,11 +132,11 @@ def copy_paste_augmenters() -> list[v2.Transform]:
         _Rotate90(),
         _Flip(),
         _Transpose(),
-        v2.ElasticTransform(alpha=30.0, sigma=8.0),
+        _Elastic(alpha=0.12, sigma=0.05),
         v2.RandomApply([_GaussNoise()], p=0.2),
         v2.RandomApply([v2.GaussianBlur(3)], p=0.2),
         v2.RandomApply([v2.RandomAffine(degrees=45, translate=(0.0625, 0.0625), scale=(0.8, 1.2))], p=0.2),
-        v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=6.0)], p=0.2),
+        v2.RandomApply([_Elastic(alpha=0.08, sigma=0.04)], p=0.2),
         v2.RandomApply([v2.RandomChoice([v2.RandomAdjustSharpness(2.0, p=1.0),
                                          v2.ColorJitter(brightness=0.2, contrast=0.2)])], p=0.3),
         v2.RandomApply([v2.ColorJitter(brightness=0.08, saturation=0.12, hue=0.055)], p=0.3),

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
@@ -37,7 +36,7 @@ from anomalib_zsad.models.components.contract import ArgumentCheck
 from .backbone import is_random_weights, load_feature_extractor
 from .checkpoint import load_official_checkpoint, read_official_checkpoint
 from .loss import BGADLoss, learning_rate
-from .torch_model import SCORE_NORMALIZATIONS, BGADModel
+from .torch_model import SCORE_NORMALIZATIONS, BGADModel, feature_mask
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +313,7 @@ class BGAD(PluginModuleMixin, AnomalibModule):
         totals, parts = [], {"ml": [], "pull": [], "push": []}
         for level, feature in enumerate(self.model.features(images)):
             vectors, position = self.model.condition(feature)
-            level_mask = F.interpolate(mask[:, None].float(), size=feature.shape[-2:], mode="nearest").reshape(-1)
+            level_mask = feature_mask(mask, feature.shape[-2:])
             for chunk in self._chunks(vectors.shape[0], vectors.device):
                 logps = self.model.log_likelihood(level, vectors[chunk], position[chunk])
                 out = self.loss(logps, level_mask[chunk], boundary=boundary, with_anomalies=self._with_fas)

@@ -29,6 +29,12 @@ from torch import nn
 SCORE_NORMALIZATIONS = ("train", "batch")
 
 
+def feature_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Binary masks [B, H, W] at a feature level's resolution, flattened as the feature vectors
+    (row (b, y, x)): nearest-neighbour sampling, as the code's ``F.interpolate(mask, (h, w))``."""
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest").reshape(-1)
+
+
 class BGADModel(nn.Module):
     """Frozen feature extractor + one conditional flow per level.
 
