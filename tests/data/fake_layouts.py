@@ -197,6 +197,18 @@ def bmad(root: Path, category: str = "Brain") -> dict[str, int]:
     return {"test_normal": 2, "test_anomalous": 3}
 
 
+def bmad_image_level(root: Path, category: str = "Chest") -> dict[str, int]:
+    """A BMAD category without masks (Chest, Histopathology, Retina_OCT2017): {train,valid,test}/{good,Ungood}/*.png."""
+    folder = root / category
+    image(folder / "train" / "good" / "00000.png")
+    for split in ("valid", "test"):
+        for i in range(2):
+            image(folder / split / "good" / f"{100 + i:05d}.png")
+        for i in range(3):
+            image(folder / split / "Ungood" / f"{i:05d}.png")
+    return {"test_normal": 2, "test_anomalous": 3}
+
+
 def mvtec_loco(root: Path, category: str = "juice_bottle") -> dict[str, int]:
     """MVTec LOCO: test/{good,logical_anomalies,structural_anomalies}/NNN.png, ground_truth/<defect>/NNN/000.png,
     001.png (several masks per image), train/good, validation/good."""

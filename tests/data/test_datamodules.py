@@ -77,6 +77,18 @@ def test_loco_masks_are_united(trees: dict) -> None:
     assert bool(mask[0:3, 0:3].all()) and bool(mask[8:11, 10:14].all()) and int(mask.sum()) == 9 + 12
 
 
+def test_bmad_sets_without_masks(tmp_path: Path) -> None:
+    """BMAD's Chest/Histopathology/OCT2017 (test/good, test/Ungood, no img/label folders): anomalib's own
+    indexing finds no test image there; read with image labels only."""
+    built = fake.bmad_image_level(tmp_path)
+    samples = category_test_samples(BMAD(root=tmp_path, category="Chest"), "Chest")
+    assert (samples.label_index == 1).sum() == built["test_anomalous"] and not samples.has_mask.any()
+    assert (samples.label_index == 0).sum() == built["test_normal"]
+    target = MVTecLayout(root=tmp_path, category="Chest", normal_folder="good", num_workers=0)
+    target.setup()  # as a benchmark target
+    assert len(target.test_data) == 5 and target.test_data.task.value == "classification"
+
+
 def test_every_layout_in_one_cross_dataset(trees: dict) -> None:
     """Seven anomalib datamodules as sources, MPDD as the target; batches carry their masks."""
     sources = [_datamodule(n, trees) for n in ("BTech", "Kolektor", "BMAD", "MVTecLOCO", "MVTecAD2", "RealIAD", "MVTecAD")]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 from anomalib.data import (
+    BMAD,
     MPDD,
     AnomalibDataModule,
     BTech,
@@ -209,6 +210,10 @@ def category_test_samples(
             files_checked = True
         if not (parent / category / "ground_truth").is_dir():
             return _maskless_mvtec_samples(parent / category, str(datamodule.name), normal)
+    if isinstance(view, BMAD) and parent is not None and _bmad_image_level(parent / category):
+        if validate:
+            validate_mvtec_category(parent / category)
+        return _maskless_mvtec_samples(parent / category, str(datamodule.name))
     try:
         if isinstance(view, MVTecLOCO):
             samples = _loco_test_samples(Path(view.root) / category)
@@ -252,6 +257,17 @@ def category_test_samples(
         "category": category,
         "has_mask": has_mask,
     })
+
+
+def _bmad_image_level(category_root: Path) -> bool:
+    """A BMAD category without masks (Chest, Histopathology, OCT2017): ``test/<good|Ungood>/*.png`` directly.
+
+    anomalib 2.7 indexes such a folder wrongly (the category name becomes the split and the category
+    appears twice in each path), so its test split comes out empty; it is read here as an MVTec-layout
+    category without ``ground_truth/`` (image labels only).
+    """
+    test = category_root / "test"
+    return test.is_dir() and not any(test.glob("*/img")) and any(list_images(d) for d in test.iterdir() if d.is_dir())
 
 
 def _loco_test_samples(category_root: Path) -> pd.DataFrame:
