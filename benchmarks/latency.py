@@ -5,9 +5,11 @@ official code on the same inputs and weights.
     python benchmarks/latency.py --official-src ~/src/AnomalyCLIP  # + the official code, same run
     python benchmarks/latency.py --backbone zsad-tiny --image-size 224 --runs 3   # quick smoke run
     python benchmarks/latency.py --model AdaCLIP                   # any plugin model (Vand, AACLIP, BayesPFL, ...)
+    python benchmarks/latency.py --batch-size 8                    # throughput: images per second in batches of 8
 
 Each backend runs in its own process (so its peak memory is its own), with ``--threads`` threads,
-one warm-up and ``--runs`` timed images; the table gives min / median / max seconds per image,
+one warm-up and ``--runs`` timed batches of ``--batch-size`` images (default 1); the table gives
+min / median / max seconds per batch, images per second at the median,
 peak resident memory, the ratio to the official code (official median / this median) and the
 largest difference of score and map to our torch model on the same input (equal outputs are part
 of the comparison). Random weights are enough for timing (no weights can be downloaded here).
@@ -36,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=1, help="images per call (throughput at 1, 4, 8, ...)")
     parser.add_argument("--official-src", type=Path, help="an export of github zqhang/AnomalyCLIP")
     parser.add_argument("--backends", nargs="+", default=["torch", "openvino", "openvino-int8"], choices=BACKENDS)
     parser.add_argument("--calibration-images", type=int, default=8, help="INT8 calibration set size")
@@ -95,7 +98,7 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
         outputs = compiled(raw)
         named = {port.get_any_name(): value for port, value in outputs.items()}
         torch.save({"score": torch.as_tensor(named["pred_score"]).reshape(-1),
-                    "map": torch.as_tensor(named["anomaly_map"]).reshape(1, *image.shape[-2:])},
+                    "map": torch.as_tensor(named["anomaly_map"]).reshape(image.shape[0], *image.shape[-2:])},
                    work / f"out-{args.worker}.pt")
     elif args.worker == "official":
         result.update(official_worker(args, work, image))
@@ -174,7 +177,7 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
     torch.manual_seed(0)
     model = build_model(args)
-    raw = torch.rand(1, 3, args.image_size, args.image_size)
+    raw = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
     torch.save(raw, work / "input-raw.pt")
     torch.save(model.pre_processor.transform(raw), work / "input.pt")
     (work / "layers.json").write_text(json.dumps(list(getattr(model.model, "feature_layers", []))))
@@ -232,7 +235,8 @@ def quantize(xml: Path, target: Path, args: argparse.Namespace) -> None:
 def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict | None:
     command = [sys.executable, __file__, "--worker", backend, "--work-dir", str(work), "--model", args.model,
                "--backbone", args.backbone,
-               "--image-size", str(args.image_size), "--threads", str(args.threads), "--runs", str(args.runs)]
+               "--image-size", str(args.image_size), "--threads", str(args.threads), "--runs", str(args.runs),
+               "--batch-size", str(args.batch_size)]
     if args.official_src:
         command += ["--official-src", str(args.official_src)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -244,13 +248,13 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path) -> dict | No
     return json.loads(lines[-1])
 
 
-def report(results: list[dict], work: Path) -> str:
+def report(results: list[dict], work: Path, batch_size: int = 1) -> str:
     import torch
 
     reference = torch.load(work / "out-torch.pt", weights_only=True) if (work / "out-torch.pt").exists() else None
     official = next((r for r in results if r["backend"] == "official"), None)
-    lines = ["| backend | min s | median s | max s | peak MiB | speed-up vs official | max diff score / map vs torch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [("| backend | min s | median s | max s | images/s | peak MiB | speed-up vs official "
+              "| max diff score / map vs torch |"), "|---|---|---|---|---|---|---|---|"]
     for r in results:
         median = statistics.median(r["times"])
         ratio = f"{statistics.median(official['times']) / median:.2f}x" if official else "-"
@@ -261,7 +265,7 @@ def report(results: list[dict], work: Path) -> str:
             diff = (f"{(other['score'] - reference['score']).abs().max():.1e} / "
                     f"{(other['map'] - reference['map']).abs().max():.1e}")
         lines.append(f"| {r['backend']} | {min(r['times']):.3g} | {median:.3g} | {max(r['times']):.3g} | "
-                     f"{r['peak_mib']:.0f} | {ratio} | {diff} |")
+                     f"{batch_size / median:.3g} | {r['peak_mib']:.0f} | {ratio} | {diff} |")
     return "\n".join(lines)
 
 
@@ -292,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"timing {backend} ...", flush=True)
             if (result := run_backend(backend, args, work)) is not None:
                 results.append(result)
-        print(f"\n{args.model}, {args.backbone}, {args.image_size}x{args.image_size}, batch 1, {args.threads} threads, "
+        print(f"\n{args.model}, {args.backbone}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+              f"{args.threads} threads, "
               f"{args.runs} runs after 1 warm-up\n")
-        print(report(results, work))
+        print(report(results, work, args.batch_size))
     return 0
 
 

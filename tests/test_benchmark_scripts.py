@@ -27,12 +27,15 @@ def table_rows(output: str) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_latency_script_times_torch_openvino_and_int8(tmp_path: Path) -> None:
     output = run_script("latency.py", "--backbone", "zsad-tiny", "--image-size", "64", "--runs", "1",
-                        "--backends", "torch", "openvino", "openvino-int8", "--calibration-images", "2", cwd=tmp_path)
+                        "--backends", "torch", "openvino", "openvino-int8", "--calibration-images", "2",
+                        "--batch-size", "2", cwd=tmp_path)
+    assert "batch 2," in output
     rows = table_rows(output)
     assert set(rows) == {"torch", "openvino", "openvino-int8"}
     for cells in rows.values():
-        assert float(cells[1]) > 0  # median seconds
-    score_diff, map_diff = (float(x) for x in rows["openvino"][5].split(" / "))
+        assert float(cells[1]) > 0  # median seconds per batch
+        assert float(cells[3]) == pytest.approx(2 / float(cells[1]), rel=2e-2)  # images per second
+    score_diff, map_diff = (float(x) for x in rows["openvino"][6].split(" / "))
     assert score_diff < 1e-4 and map_diff < 1e-4  # FP32 export computes what torch computes
 
 
@@ -48,3 +51,37 @@ def test_int8_accuracy_script_reports_auroc_change_and_rank_agreement(tmp_path: 
         assert 0 <= float(cells[0]) <= 100 and 0 <= float(cells[2]) <= 100
         assert re.fullmatch(r"-?[01]\.\d{4} / -?[01]\.\d{4}", cells[4])
     assert (tmp_path / "out" / "int8_accuracy.md").read_text().startswith("| export |")
+
+
+def load_script(name: str):
+    """A benchmarks/ script as a module, to call its ``main`` in this process (no second import of torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_fallback_trains_tests_and_compares_precisions(capsys: pytest.CaptureFixture) -> None:
+    gpu_check = load_script("gpu_check.py")
+    code = gpu_check.main(["--device", "cpu", "--models", "Vand", "--precisions", "bf16-mixed", "--image-size", "64",
+                           "--no-latency"])
+    output = capsys.readouterr().out
+    rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith("| Vand ")]
+    assert [cells[1].strip() for cells in rows] == ["bf16-mixed"], output
+    cells = rows[0]
+    assert cells[-1].strip() == "ok", output
+    assert 0.0 <= float(cells[4]) <= 1.0  # image AUROC
+    assert 0.0 < float(cells[6]) <= gpu_check.TOLERANCE["bf16-mixed"]  # bf16 autocast did run, within tolerance
+    assert code == 0 and output.rstrip().endswith("all checks passed")
+
+
+def test_gpu_check_says_when_cuda_is_missing(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the missing-device message cannot be seen here")
+    assert load_script("gpu_check.py").main(["--models", "Vand"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
