@@ -39,6 +39,7 @@ PROMISED_OUTPUTS = {
         "results/AnomalyCLIP/ZSADDemo/tissue/latest/config.yaml",
         "results/weights/torch/model.pt",
     ],
+    "docs/thresholds.md": ["results/CLIPBaseline/latest/images/hole/000.png"],
 }
 
 
