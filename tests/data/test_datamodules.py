@@ -10,7 +10,7 @@ import pytest
 import torch
 from anomalib.data import BMAD, MPDD, BTech, Kolektor, MVTecAD, MVTecAD2, MVTecLOCO, RealIAD
 
-from anomalib_zsad.data import CrossDataset, DatasetError, MVTecLayout, select_shots
+from anomalib_zsad.data import CrossDataset, DatasetError, MVTecLayout, MVTecLOCOFixed, select_shots
 from anomalib_zsad.data._samples_dataset import PooledDataset
 from anomalib_zsad.data._sources import available_categories, category_test_samples
 from anomalib_zsad.data.convert import convert
@@ -87,6 +87,16 @@ def test_bmad_sets_without_masks(tmp_path: Path) -> None:
     target = MVTecLayout(root=tmp_path, category="Chest", normal_folder="good", num_workers=0)
     target.setup()  # as a benchmark target
     assert len(target.test_data) == 5 and target.test_data.task.value == "classification"
+
+
+def test_loco_as_an_anomalib_target(trees: dict) -> None:
+    """MVTecLOCOFixed: anomalib's MVTec LOCO datamodule (reading, mask union) with an indexing pandas 3 accepts."""
+    datamodule = MVTecLOCOFixed(root=trees["MVTecLOCO"][0], category="juice_bottle", num_workers=0,
+                                eval_batch_size=8)
+    datamodule.setup()
+    assert (len(datamodule.train_data), len(datamodule.val_data), len(datamodule.test_data)) == (1, 1, 4)
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch.gt_label.tolist().count(1) == 2 and int(batch.gt_mask.sum()) == 2 * (9 + 12)
 
 
 def test_every_layout_in_one_cross_dataset(trees: dict) -> None:

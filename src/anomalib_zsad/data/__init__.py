@@ -12,6 +12,7 @@ themselves; :func:`install_rgb_image_reader` makes anomalib's own readers use it
   another's category; every anomalib image datamodule is a source or a target.
 * :class:`MVTecLayout` - any data set in MVTec AD layout, masks optional (converted sets, own data);
   converters from the published layouts: ``python -m anomalib_zsad.data.convert --list``.
+* :class:`MVTecLOCOFixed` - anomalib's MVTec LOCO datamodule with an indexing that works under pandas 3.
 * :func:`make_demo_dataset` - write the small offline MVTec-layout demo set;
   :class:`ZSADDemo` - anomalib MVTecAD datamodule over it that generates it on demand.
 * :func:`validate_folder_dataset`, :class:`DatasetError` - early, explicit data checks.
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "CrossDataset": "anomalib_zsad.data.cross_dataset",
     "MVTecLayout": "anomalib_zsad.data.mvtec_layout",
+    "MVTecLOCOFixed": "anomalib_zsad.data.loco",
     "select_shots": "anomalib_zsad.data.cross_dataset",
     "make_demo_dataset": "anomalib_zsad.data.demo",
     "ZSADDemo": "anomalib_zsad.data.demo_datamodule",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
     from anomalib_zsad.data.errors import CorruptFileError, DatasetError
     from anomalib_zsad.data.image_io import install_rgb_image_reader, read_image_rgb, uninstall_rgb_image_reader
+    from anomalib_zsad.data.loco import MVTecLOCOFixed
     from anomalib_zsad.data.mvtec_layout import MVTecLayout
     from anomalib_zsad.data.validation import FolderSummary, validate_folder_dataset, validate_image_folder
 
@@ -71,6 +74,7 @@ def activate() -> None:
     """Import the datamodules, so jsonargparse finds them by short name. Changes nothing in anomalib."""
     from anomalib_zsad.data.cross_dataset import CrossDataset
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
+    from anomalib_zsad.data.loco import MVTecLOCOFixed
     from anomalib_zsad.data.mvtec_layout import MVTecLayout
 
 

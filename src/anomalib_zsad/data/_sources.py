@@ -15,7 +15,8 @@ them is a source or a target of :class:`~anomalib_zsad.data.CrossDataset` withou
 * which sets are in MVTec layout (their files are checked before anomalib indexes them, and a
   category without ``ground_truth/`` is read for image labels only) and the name of their normal
   folder (``good``; ``ok`` for BTech);
-* MVTec LOCO's several masks per image (their union is the image's mask).
+* MVTec LOCO's several masks per image (their union is the image's mask), indexed by
+  :mod:`anomalib_zsad.data.loco` (anomalib's own indexing fails under pandas 3).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from anomalib.data.datasets.image.realiad import CATEGORIES as REALIAD_CATEGORIE
 
 from anomalib_zsad.data.demo_datamodule import ZSADDemo
 from anomalib_zsad.data.errors import DatasetError
+from anomalib_zsad.data.loco import make_loco_samples
 from anomalib_zsad.data.validation import find_categories, list_images, validate_mvtec_category, validate_samples
 
 logger = logging.getLogger(__name__)
@@ -215,8 +217,8 @@ def category_test_samples(
             validate_mvtec_category(parent / category)
         return _maskless_mvtec_samples(parent / category, str(datamodule.name))
     try:
-        if isinstance(view, MVTecLOCO):
-            samples = _loco_test_samples(Path(view.root) / category)
+        if isinstance(view, MVTecLOCO):  # anomalib's own LOCO indexing fails under pandas 3 (see loco.py)
+            samples = make_loco_samples(Path(view.root) / category, split="test")
         else:
             view._setup()  # noqa: SLF001 - the raw indexing hook; setup() would re-split the test set
             samples = view.test_data.samples
@@ -268,28 +270,6 @@ def _bmad_image_level(category_root: Path) -> bool:
     """
     test = category_root / "test"
     return test.is_dir() and not any(test.glob("*/img")) and any(list_images(d) for d in test.iterdir() if d.is_dir())
-
-
-def _loco_test_samples(category_root: Path) -> pd.DataFrame:
-    """MVTec LOCO's test split: ``test/<good|defect>/NNN.png`` with every mask ``ground_truth/<defect>/NNN/*.png``.
-
-    Indexed here because anomalib 2.7's own LOCO indexing puts lists into a string column, which
-    pandas 3 refuses (``TypeError: Invalid value for dtype 'str'``).
-    """
-    test = category_root / "test"
-    if not test.is_dir():
-        msg = f"'{category_root}' has no 'test' folder (MVTec LOCO layout: <category>/test/<good|defect>/NNN.png)."
-        raise DatasetError(msg)
-    rows = []
-    for label in sorted(p for p in test.iterdir() if p.is_dir()):
-        for image in list_images(label):
-            masks = [] if label.name == "good" else [
-                str(m) for m in list_images(category_root / "ground_truth" / label.name / image.stem)]
-            rows.append((str(image), masks, int(label.name != "good")))
-    samples = pd.DataFrame({"image_path": [r[0] for r in rows], "mask_path": pd.Series([r[1] for r in rows],
-                            dtype=object), "label_index": [r[2] for r in rows]})
-    samples.attrs["task"] = "segmentation"
-    return samples
 
 
 def _maskless_mvtec_samples(category_root: Path, source: str, normal: str = "good") -> pd.DataFrame:
