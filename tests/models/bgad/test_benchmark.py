@@ -43,8 +43,7 @@ def test_supervised_cell_and_baseline_on_the_same_test_images(demo_root: Path, t
     bgad = {"name": "BGAD", "class_path": "anomalib_zsad.models.BGAD",
             "init_args": {"backbone": "resnet18", "layers": [1, 2], "pretrained": False, "image_size": 64,
                           "coupling_layers": 2, "pos_embed_dim": 16, "flow_batch_size": 256, "permute_soft": False,
-                          "meta_epochs": 2, "sub_epochs": 1},
-            "trainer": {"max_epochs": 2}}
+                          "meta_epochs": 1, "sub_epochs": 1}}  # the loss itself: test_model.py
     patchcore = {"name": "PatchCore", "class_path": "Patchcore", "image_size": 64,
                  "init_args": {"backbone": "resnet18", "pre_trained": False, "layers": ["layer2"],
                                "coreset_sampling_ratio": 0.5}}

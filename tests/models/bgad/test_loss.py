@@ -87,6 +87,7 @@ def test_loss_stages_as_the_authors_engines() -> None:
 
     first = loss(LOGPS, torch.zeros(13), boundary=False)  # first meta epoch: likelihood of normal images only
     assert first.total.item() == pytest.approx(ml_all.item())
+    assert loss(LOGPS, MASK, boundary=False).total.item() == pytest.approx(ml_normal.item())  # unweighted
     with_anomalies = loss(LOGPS, MASK)
     assert with_anomalies.ml.item() == pytest.approx(ml_normal.item())  # anomalies are not maximised
     assert with_anomalies.total.item() == pytest.approx(ml_normal.item() + 2.0 * (pull + push))

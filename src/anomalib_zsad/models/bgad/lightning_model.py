@@ -303,9 +303,14 @@ class BGAD(PluginModuleMixin, AnomalibModule):
         if not boundary:  # the first meta epoch sees normal images only (the code's normal loader)
             labels = getattr(batch, "gt_label", None)
             normal = (labels == 0) if labels is not None else mask.flatten(1).amax(1) == 0
-            images, mask = images[normal], mask[normal]
-            if images.shape[0] == 0:
-                return None
+            if self.trainer.world_size > 1:
+                # every process must take as many steps (DDP): keep the images, leave the anomalous
+                # ones out of the loss (their rows count as anomalous, the loss is on normal rows)
+                mask = (~normal).to(mask.dtype)[:, None, None].expand_as(mask)
+            else:
+                images, mask = images[normal], mask[normal]
+                if images.shape[0] == 0:
+                    return None
         if self._with_fas is None:
             self.on_train_start()
         if len(self._epoch_reference) != len(self.model.flows):

@@ -140,14 +140,14 @@ class BGADLoss(nn.Module):
         Args:
             logps: per-dimension log-likelihoods [N].
             mask: 0 normal / 1 anomalous [N] (feature resolution).
-            boundary: False in the first meta epoch (maximum likelihood on normal features only,
-                as the code trains the flows steadily before any boundary).
+            boundary: False in the first meta epoch (maximum likelihood on the normal rows only,
+                as the code trains the flows steadily on normal images before any boundary).
             with_anomalies: the "few abnormal samples" engine (anomalous features pushed); False is
                 BGAD w/o, the normal-only engine (every feature pulled inside ``b_n``, no push).
         """
         zero = logps.sum() * 0
-        if not boundary:
-            ml = _reduce(self.likelihood_loss(logps), self.reduction)
+        if not boundary:  # likelihood of the normal rows, unweighted
+            ml = _reduce(self.likelihood_loss(logps[mask == 0]), self.reduction)
             return BGADLossOutput(ml, ml, zero, zero, None)
         detached = logps.detach()
         if not with_anomalies:
