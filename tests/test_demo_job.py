@@ -13,12 +13,12 @@ from PIL import Image
 
 from anomalib_zsad import demo
 from anomalib_zsad.demo import (
-    PAPER_METRICS,
     RANDOM_WEIGHTS_BANNER,
     CollectedOutputs,
     draw_heatmaps,
     main,
 )
+from anomalib_zsad.models.components.lightning import PAPER_METRICS
 
 
 def test_missing_weights_stop_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -30,6 +30,7 @@ LABELS: dict[str, str] = {
     "pixel_AUROC": "P-AUROC",
     "pixel_AUPRO": "P-AUPRO",
     "pixel_F1Max": "P-F1max",
+    "pixel_AUPR": "P-AP",
 }
 MEAN = "mean"
 
@@ -144,7 +145,7 @@ def markdown_report(table: pd.DataFrame, rows: pd.DataFrame, title: str = "Bench
 
 
 def plot_heat_table(table: pd.DataFrame, path: Path, title: str = "Benchmark (mean over categories, %)") -> Path:
-    """One heat table per data set: models x the six metrics (category means), values annotated."""
+    """One heat table per data set: models x the paper metrics (category means), values annotated."""
     import matplotlib
 
     matplotlib.use("Agg")

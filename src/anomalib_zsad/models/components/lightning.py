@@ -59,6 +59,7 @@ PAPER_METRIC_FIELDS: dict[str, tuple[type, list[str]]] = {
     "pixel_AUROC": (AUROC, ["anomaly_map", "gt_mask"]),
     "pixel_AUPRO": (AUPRO, ["anomaly_map", "gt_mask"]),
     "pixel_F1Max": (F1Max, ["anomaly_map", "gt_mask"]),
+    "pixel_AUPR": (AUPR, ["anomaly_map", "gt_mask"]),  # pixel AP, as Bayes-PFL reports (step-wise, sklearn's)
 }
 PAPER_METRICS = tuple(PAPER_METRIC_FIELDS)
 FROZEN_PREFIX = "model.clip."  # the CLIP methods' frozen backbone (ClipModelContract.frozen_prefixes)
@@ -91,9 +92,12 @@ def imagenet_pre_processor(image_size: int | Sequence[int] = 256,
 
 def paper_evaluator() -> Evaluator:
     """The figures the ZSAD papers report: image AUROC / AP / F1-max, pixel AUROC / AUPRO / F1-max
-    (pixel metrics skipped, not failed, for models or data without maps or masks; a metric whose
+    and pixel AP (Bayes-PFL's tables; anomalib's ``AUPR`` is the step-wise average precision of
+    scikit-learn's ``average_precision_score``).
+
+    Pixel metrics skipped, not failed, for models or data without maps or masks; a metric whose
     targets hold one class only, e.g. image metrics on a set of anomalous images, reports nothing:
-    see ``components/metrics.py``)."""
+    see ``components/metrics.py``."""
     return Evaluator(test_metrics=[
         metric_cls(fields=fields, prefix=column.split("_", 1)[0] + "_", strict=column.startswith("image_"))
         for column, (metric_cls, fields) in PAPER_METRIC_FIELDS.items()])
