@@ -64,10 +64,10 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def assert_reloads_identically(model, checkpoint: Path, size: int = 64):
-    """A Lightning checkpoint of a plugin model leaves the frozen CLIP out, says the learnt parts
+    """A Lightning checkpoint of a plugin model leaves the frozen backbone out, says the learnt parts
     were trained, and reloads to bit-identical scores and maps. Returns the reloaded model."""
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    assert not any(k.startswith("model.clip.") for k in stored), "the frozen CLIP was stored"
+    assert not any(k.startswith(model.frozen_prefixes) for k in stored), "the frozen backbone was stored"
     reloaded = type(model).load_from_checkpoint(checkpoint, weights_only=True)
     assert bool(reloaded.learnt_parts_trained)
     # the object word of the prompts comes from the data at test time (class_name="auto"): compare alike

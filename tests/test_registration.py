@@ -35,6 +35,14 @@ def test_cli_resolves_the_short_name() -> None:
     assert "class_path: anomalib_zsad.models.AnomalyCLIP" in result.stdout
 
 
+def test_cli_resolves_the_short_names_of_a_non_clip_model_and_its_datamodule() -> None:
+    result = run("anomalib", "train", "--model", "BGAD", "--data", "FewAnomalies", "--data.datamodule", "MVTecAD",
+                 "--print_config")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in ("anomalib_zsad.models.BGAD", "anomalib_zsad.data.FewAnomalies", "anomalib.data.MVTecAD"):
+        assert f"class_path: {path}" in result.stdout, path
+
+
 def test_importing_anomalib_models_changes_nothing_in_anomalib() -> None:
     """The hook registers the plugin (models, datamodules) but rebinds none of anomalib's functions."""
     code = (

@@ -13,6 +13,8 @@ themselves; :func:`install_rgb_image_reader` makes anomalib's own readers use it
 * :class:`MVTecLayout` - any data set in MVTec AD layout, masks optional (converted sets, own data);
   converters from the published layouts: ``python -m anomalib_zsad.data.convert --list``.
 * :class:`MVTecLOCOFixed` - anomalib's MVTec LOCO datamodule with an indexing that works under pandas 3.
+* :class:`FewAnomalies` - a category's normal training images plus k of its anomalies (supervised
+  regime, BGAD), the drawn ones left out of evaluation.
 * :func:`make_demo_dataset` - write the small offline MVTec-layout demo set;
   :class:`ZSADDemo` - anomalib MVTecAD datamodule over it that generates it on demand.
 * :func:`validate_folder_dataset`, :class:`DatasetError` - early, explicit data checks.
@@ -31,6 +33,7 @@ _EXPORTS = {
     "CrossDataset": "anomalib_zsad.data.cross_dataset",
     "MVTecLayout": "anomalib_zsad.data.mvtec_layout",
     "MVTecLOCOFixed": "anomalib_zsad.data.loco",
+    "FewAnomalies": "anomalib_zsad.data.few_anomalies",
     "select_shots": "anomalib_zsad.data.cross_dataset",
     "make_demo_dataset": "anomalib_zsad.data.demo",
     "ZSADDemo": "anomalib_zsad.data.demo_datamodule",
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from anomalib_zsad.data.demo import make_demo_dataset
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
     from anomalib_zsad.data.errors import CorruptFileError, DatasetError
+    from anomalib_zsad.data.few_anomalies import FewAnomalies
     from anomalib_zsad.data.image_io import install_rgb_image_reader, read_image_rgb, uninstall_rgb_image_reader
     from anomalib_zsad.data.loco import MVTecLOCOFixed
     from anomalib_zsad.data.mvtec_layout import MVTecLayout
@@ -74,6 +78,7 @@ def activate() -> None:
     """Import the datamodules, so jsonargparse finds them by short name. Changes nothing in anomalib."""
     from anomalib_zsad.data.cross_dataset import CrossDataset
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
+    from anomalib_zsad.data.few_anomalies import FewAnomalies
     from anomalib_zsad.data.loco import MVTecLOCOFixed
     from anomalib_zsad.data.mvtec_layout import MVTecLayout
 
