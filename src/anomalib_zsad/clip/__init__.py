@@ -9,7 +9,7 @@ from .model import ClipModel
 from .pos_embed import POS_EMBED_MODES, resize_pos_embed
 from .text import TextTower
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, tokenize
-from .vision import VisionTokens, VisionTower, quarter_blocks
+from .vision import DPAM_ATTENTIONS, VisionTokens, VisionTower, quarter_blocks
 
 # CLIP's image normalisation (OpenAI's training statistics), for every pre-processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -18,6 +18,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "DPAM_ATTENTIONS",
     "EOT_TOKEN",
     "POS_EMBED_MODES",
     "SOT_TOKEN",

@@ -69,19 +69,37 @@ class Attention(nn.Module):
             q = q[:, :, :first_queries]
         return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
-    def forward_vv(self, x: torch.Tensor) -> torch.Tensor:
-        """V-V self-attention, ``softmax(v v^T / sqrt(d)) v``, through the same output projection."""
-        _, _, v = self._split(x)
-        return self._merge(F.scaled_dot_product_attention(v, v, v))
+    def forward_vv(self, x: torch.Tensor, kind: str = "vv") -> torch.Tensor:
+        """DPAM self-attention through the same output projection: ``softmax(v v^T / sqrt(d)) v``
+        (``kind="vv"``), ``softmax(q q^T / sqrt(d)) v`` (``"qq"``) or ``softmax(k k^T / sqrt(d)) v``
+        (``"kk"``), AnomalyCLIP's three diagonally prominent attentions."""
+        return self._merge(_self_attention(*self._split(x), kind))
 
-    def forward_dual(self, x: torch.Tensor, first_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ordinary and V-V attention from one q/k/v projection (DPAM's two paths)."""
+    def forward_dual(self, x: torch.Tensor, first_queries: int | None = None,
+                     kind: str = "vv") -> tuple[torch.Tensor, torch.Tensor]:
+        """Ordinary and DPAM (``kind``: vv, qq or kk) attention from one q/k/v projection (DPAM's two paths)."""
         q, k, v = self._split(x)
+        dpam = self._merge(_self_attention(q, k, v, kind))
         if first_queries is not None:
             q = q[:, :, :first_queries]
         ori = self._merge(F.scaled_dot_product_attention(q, k, v))
-        vv = self._merge(F.scaled_dot_product_attention(v, v, v))
-        return ori, vv
+        return ori, dpam
+
+
+DPAM_KINDS = ("vv", "qq", "kk")
+"""The diagonally prominent self-attentions of AnomalyCLIP (ICLR 2024, Sec. 3.3, Fig. 6): V-V, Q-Q, K-K."""
+
+
+def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:
+    """``softmax(a a^T / sqrt(d)) v`` with ``a`` the heads' v, q or k, fused."""
+    if kind == "vv":
+        return F.scaled_dot_product_attention(v, v, v)
+    if kind == "qq":
+        return F.scaled_dot_product_attention(q, q, v)
+    if kind == "kk":
+        return F.scaled_dot_product_attention(k, k, v)
+    msg = f"DPAM attention must be one of {DPAM_KINDS}, got {kind!r}"
+    raise ValueError(msg)
 
 
 class ResidualBlock(nn.Module):

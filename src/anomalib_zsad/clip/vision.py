@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import Transformer
+from .layers import DPAM_KINDS, Transformer
 from .pos_embed import POS_EMBED_MODES, resize_pos_embed
 
 VV_MODES = ("dual", "replace", "replace_batch")
 """How :meth:`VisionTower.forward` uses the V-V path from ``vv_from`` on (see its docstring)."""
+
+DPAM_ATTENTIONS = (*DPAM_KINDS, "none")
+"""The attention of the DPAM path (AnomalyCLIP, Fig. 6 / Table 10): V-V (the paper's), Q-Q, K-K, or
+``none``: no DPAM path, CLIP's own Q-K attention everywhere (the paper's "w/o DPAM", Table 7)."""
 
 BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 """``hook(block_index, tokens) -> tokens``, with a 0-based block index."""
@@ -125,6 +129,7 @@ class VisionTower(nn.Module):
         post_block: BlockHook | None = None,
         return_tokens: bool = False,
         vv_mode: str = "dual",
+        dpam_attention: str = "vv",
     ) -> VisionTokens:
         """Run the tower and collect the tokens of ``layers`` (1-based block numbers).
 
@@ -139,6 +144,10 @@ class VisionTower(nn.Module):
         attention taken across the **batch** axis (for each token position the B images attend
         to each other), which is what AA-CLIP's official code computes (LND tensor read as NLD).
 
+        ``dpam_attention`` is the attention of that path: ``"vv"`` ``softmax(v v^T / sqrt(d)) v``,
+        ``"qq"`` ``softmax(q q^T / sqrt(d)) v``, ``"kk"`` ``softmax(k k^T / sqrt(d)) v`` (AnomalyCLIP's
+        Fig. 6), or ``"none"``: no such path at all, as if ``vv_from`` were None (plain CLIP).
+
         When nothing reads the last block's ordinary tokens (not ``return_tokens``, not a hook,
         not a collected layer), that block computes only the class token's row: attention with one
         query and the MLP on one token, exactly.
@@ -146,6 +155,11 @@ class VisionTower(nn.Module):
         if vv_mode not in VV_MODES:
             msg = f"vv_mode must be one of {VV_MODES}, got {vv_mode!r}"
             raise ValueError(msg)
+        if dpam_attention not in DPAM_ATTENTIONS:
+            msg = f"dpam_attention must be one of {DPAM_ATTENTIONS}, got {dpam_attention!r}"
+            raise ValueError(msg)
+        if dpam_attention == "none":
+            vv_from = None
         wanted = set(layers)
         depth = len(self.blocks)
         if any(not 1 <= layer <= depth for layer in wanted):
@@ -164,12 +178,12 @@ class VisionTower(nn.Module):
             if vv_from is not None and number >= vv_from and vv_mode != "dual":
                 h = block.ln_1(x)
                 if vv_mode == "replace_batch":
-                    x = x + block.attn.forward_vv(h.transpose(0, 1).contiguous()).transpose(0, 1)
+                    x = x + block.attn.forward_vv(h.transpose(0, 1).contiguous(), dpam_attention).transpose(0, 1)
                 else:
-                    x = x + block.attn.forward_vv(h)
+                    x = x + block.attn.forward_vv(h, dpam_attention)
                 x = x + block.mlp(block.ln_2(x))
             elif vv_from is not None and number >= vv_from:
-                ori, vv = block.attn.forward_dual(block.ln_1(x), first_queries=cls_only)
+                ori, vv = block.attn.forward_dual(block.ln_1(x), first_queries=cls_only, kind=dpam_attention)
                 x_vv = (x if x_vv is None else x_vv) + vv
                 x = (x if cls_only is None else x[:, :1]) + ori
                 x = x + block.mlp(block.ln_2(x))
