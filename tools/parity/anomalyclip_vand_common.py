@@ -214,3 +214,31 @@ def environment(extra: tuple[str, ...] = ()) -> dict:
     for name in extra:
         env[name] = __import__(name).__version__
     return env
+
+
+def write_single_class_test_set(root: Path, images: np.ndarray, masks: np.ndarray, cls_name: str) -> dict:
+    """The test images as PNGs in one class folder plus the ``meta.json`` that the AnomalyCLIP-derived
+    ``dataset.py`` reads (``meta['test'][cls_name]``; GlocalCLIP's train.py reads the same split).
+    A mask file is written only for anomalous images (a normal image's mask is made by the official code)."""
+    import json
+
+    from PIL import Image
+
+    entries, image_paths, mask_paths = [], [], []
+    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        anomalous = bool(mask.any())
+        kind = "defect" if anomalous else "good"
+        img_rel = f"{cls_name}/test/{kind}/{index:03d}.png"
+        (root / img_rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / img_rel)
+        mask_rel = ""
+        if anomalous:
+            mask_rel = f"{cls_name}/ground_truth/{kind}/{index:03d}_mask.png"
+            (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask, mode="L").save(root / mask_rel)
+        entries.append({"img_path": img_rel, "mask_path": mask_rel, "cls_name": cls_name, "specie_name": kind,
+                        "anomaly": int(anomalous)})
+        image_paths.append(img_rel)
+        mask_paths.append(mask_rel)
+    (root / "meta.json").write_text(json.dumps({"train": {cls_name: []}, "test": {cls_name: entries}}))
+    return {"image_paths": image_paths, "mask_paths": mask_paths}
