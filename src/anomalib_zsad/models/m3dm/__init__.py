@@ -1,0 +1,16 @@
+"""M3DM: multimodal (RGB + point cloud) industrial anomaly detection via hybrid fusion."""
+
+from .backbones import RGBWeightsUnavailableError, load_rgb_backbone
+from .fusion import FeatureFusionBlock, load_uff_weights, read_uff_checkpoint
+from .torch_model import M3DMModel, SampleFeatures, SampleScore
+
+__all__ = [
+    "FeatureFusionBlock",
+    "M3DMModel",
+    "RGBWeightsUnavailableError",
+    "SampleFeatures",
+    "SampleScore",
+    "load_rgb_backbone",
+    "load_uff_weights",
+    "read_uff_checkpoint",
+]

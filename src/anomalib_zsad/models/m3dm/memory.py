@@ -1,0 +1,135 @@
+"""M3DM's memory banks: the libraries' normalisation, the coreset, and the scoring of one
+modality (``feature_extractors/features.py`` and ``multiple_features.py`` of the official code).
+
+Everything here follows the official arithmetic, quirks included (the parity set's README, §4-§5):
+
+* **normalisation** (:func:`bank_normalization`): all three libraries are normalised with the
+  mean of the *point* library and the (unbiased) standard deviation of the *RGB* library;
+* **coreset** (:func:`coreset_indices`): a sparse random projection (scikit-learn,
+  ``eps=0.9``; the official ``random_state=None`` draws from numpy's global generator, here a
+  seed), then the greedy k-center loop in **float16**, starting from row 0, first index on ties;
+* **sizes**: the point bank keeps ``int(f·rows)``, the RGB and fused banks ``int(f·n_point)``
+  (1 % of the point rows at the official f = 0.1), and the point bank gets an extra all-zero row;
+* **scoring** (:func:`score_modality`): ``cdist`` to the bank, the largest nearest-neighbour
+  distance re-weighted by the distances to the bank neighbours of its match (``n_reweight = 3``,
+  ``D = sqrt(C)``), the map upsampled bilinearly and blurred by :func:`blur_8bit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+
+def bank_normalization(xyz_lib: torch.Tensor, rgb_lib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) that normalise *all three* libraries: ``mean(xyz_lib)``, ``std(rgb_lib)`` (the
+    official ``run_coreset``, lines 841-846)."""
+    return torch.mean(xyz_lib), torch.std(rgb_lib)
+
+
+def random_projection(library: torch.Tensor, eps: float = 0.9, seed: int | None = 0,
+                      components: object | None = None) -> torch.Tensor:
+    """The library projected by scikit-learn's ``SparseRandomProjection(eps)`` (target dimension
+    by the Johnson-Lindenstrauss bound), in float64 as the official call gives it (scikit-learn
+    converts the float32 torch tensor to float64). ``components``: a ``[k, C]`` sparse matrix to
+    use instead of a seeded draw (to replay a recorded projection)."""
+    from sklearn.random_projection import SparseRandomProjection
+
+    array = library.detach().cpu().numpy().astype(np.float64)
+    transformer = SparseRandomProjection(eps=eps, random_state=seed)
+    transformer.fit(array)
+    if components is not None:
+        if tuple(components.shape) != tuple(transformer.components_.shape):
+            msg = (f"projection of shape {tuple(components.shape)} for a library that needs "
+                   f"{tuple(transformer.components_.shape)}")
+            raise ValueError(msg)
+        transformer.components_ = components.astype(np.float64)
+    return torch.from_numpy(np.asarray(transformer.transform(array)))
+
+
+def greedy_coreset(projected: torch.Tensor, count: int, float16: bool = True,
+                   first_distances: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[count]`` of the official greedy k-center loop on ``projected`` rows: start at row
+    0, distances of every row to the last pick (``torch.linalg.norm``), running minimum, next pick
+    = first maximum, its distance set to 0. With ``float16`` (official) the rows and the running
+    distances are cast to half precision after the first distances were computed in the input's
+    precision (``first_distances`` replaces those, to replay recorded inputs)."""
+    last = projected[0:1]
+    picks = [torch.tensor(0)]
+    minimum = torch.linalg.norm(projected - last, dim=1, keepdim=True) if first_distances is None else first_distances
+    rows = projected
+    if float16:
+        last, rows, minimum = last.half(), rows.half(), minimum.half()
+    for _ in range(count - 1):
+        distance = torch.linalg.norm(rows - last, dim=1, keepdim=True)
+        minimum = torch.minimum(distance, minimum)
+        index = torch.argmax(minimum)
+        last = rows[index:index + 1]
+        minimum[index] = 0
+        picks.append(index)
+    return torch.stack(picks).long()
+
+
+def coreset_indices(library: torch.Tensor, count: int, eps: float = 0.9, float16: bool = True, seed: int | None = 0,
+                    components: object | None = None) -> torch.Tensor:
+    """The official ``get_coreset_idx_randomp``: random projection, then the greedy loop."""
+    projected = random_projection(library, eps=eps, seed=seed, components=components)
+    return greedy_coreset(projected, count, float16=float16)
+
+
+def coreset_sizes(point_rows: int, fraction: float) -> tuple[int, int]:
+    """(point bank, RGB and fused banks) sizes of the official ``run_coreset``: ``int(f·rows)``,
+    then ``int(f·n_point)`` for the other two (their call reads the point library's size after it
+    was subsampled)."""
+    point = int(fraction * point_rows)
+    return point, int(fraction * point)
+
+
+@dataclass
+class ModalityScore:
+    """What the official ``compute_single_s_s_map`` computes for one modality of one sample."""
+
+    min_val: torch.Tensor  # [P] nearest-bank distance per patch
+    min_idx: torch.Tensor  # [P]
+    s_idx: int  # the patch with the largest distance
+    nn_idx: torch.Tensor  # [n_reweight] bank neighbours of its match (the match first)
+    m_star_knn: torch.Tensor  # [n_reweight - 1] distances of that patch to those neighbours
+    s: torch.Tensor  # re-weighted image score (0-d)
+    s_map: torch.Tensor  # [H, W] blurred map
+
+
+def score_modality(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int],
+                   n_reweight: int = 3, blur_radius: float = 4) -> ModalityScore:
+    """Score ``patch`` ``[P, C]`` (normalised) against ``bank`` ``[L, C]`` (official arithmetic)."""
+    distance = torch.cdist(patch, bank)
+    min_val, min_idx = torch.min(distance, dim=1)
+    s_idx = torch.argmax(min_val)
+    s_star = torch.max(min_val)
+    m_test = patch[s_idx].unsqueeze(0)
+    m_star = bank[min_idx[s_idx]].unsqueeze(0)
+    w_dist = torch.cdist(m_star, bank)
+    _, nn_idx = torch.topk(w_dist, k=min(n_reweight, bank.shape[0]), largest=False)
+    m_star_knn = torch.linalg.norm(m_test - bank[nn_idx[0, 1:]], dim=1)
+    scale = torch.sqrt(torch.tensor(patch.shape[1]))
+    weight = 1 - (torch.exp(s_star / scale) / torch.sum(torch.exp(m_star_knn / scale)))
+    s = weight * s_star
+    s_map = F.interpolate(min_val.view(1, 1, *grid), size=tuple(image_size), mode="bilinear")
+    s_map = blur_8bit(s_map[0, 0], blur_radius)
+    return ModalityScore(min_val=min_val, min_idx=min_idx, s_idx=int(s_idx), nn_idx=nn_idx[0], m_star_knn=m_star_knn,
+                         s=s, s_map=s_map)
+
+
+def blur_8bit(score_map: torch.Tensor, radius: float = 4) -> torch.Tensor:
+    """The official ``KNNGaussianBlur``: the map divided by its maximum, quantised to 8 bits
+    (``mul(255).byte()``, truncation), Pillow's ``GaussianBlur(radius)`` on the 8-bit image, back
+    to [0, 1] (``/255``) and times the maximum. ``[H, W]`` in and out (float32)."""
+    from PIL import Image, ImageFilter
+
+    peak = score_map.max()
+    quantised = (score_map / peak).mul(255).byte().cpu().numpy()
+    blurred = Image.fromarray(quantised).filter(ImageFilter.GaussianBlur(radius=radius))
+    out = torch.from_numpy(np.asarray(blurred, dtype=np.uint8).copy()).to(score_map.device)
+    return out.float().div(255) * peak
