@@ -24,11 +24,13 @@ MODELS = [getattr(plugin_models, name) for name in plugin_models.__all__]
 TINY = {"backbone": "zsad-tiny", "pretrained": None, "image_size": 64}
 # Models that are not CLIP-based: their tiny settings (random timm backbone, small flows).
 TINY_SETTINGS = {"BGAD": {"backbone": "resnet18", "layers": [1, 2], "pretrained": False, "image_size": 64,
-                          "coupling_layers": 2, "pos_embed_dim": 16, "flow_batch_size": 256, "permute_soft": False}}
+                          "coupling_layers": 2, "pos_embed_dim": 16, "flow_batch_size": 256, "permute_soft": False},
+                 "M3DM": {"backbone": "vit_small_patch8_224.dino", "pretrained": False, "point_checkpoint": None,
+                          "image_size": 64, "num_group": 32, "group_size": 16}}
 SHARED_VOCABULARY = ("backbone", "pretrained", "image_size", "official_checkpoint", "seed")
 CLIP_VOCABULARY = ("activation", "allow_clip_mismatch")
 # A second bad argument, beside image_size, per kind of model: CLIP's activation, BGAD's condition size.
-SECOND_BAD = {"BGAD": ("pos_embed_dim", 6)}
+SECOND_BAD = {"BGAD": ("pos_embed_dim", 6), "M3DM": ("num_group", 0)}
 RENAMED = {"AnomalyCLIP": "prompt_checkpoint", "AdaCLIP": "weights", "Vand": "checkpoint", "BayesPFL": "checkpoint"}
 ids = [model.__name__ for model in MODELS]
 
@@ -40,6 +42,21 @@ def tiny(model_class: type) -> dict:
 
 def is_clip(model_class: type) -> bool:
     return issubclass(model_class, ClipModelContract)
+
+
+def model_inputs(model_class: type, count: int = 1, size: int = 64) -> tuple[torch.Tensor, ...]:
+    """The torch model's inputs: images, and an organized point cloud per image for the models that
+    take one (M3DM: rendered domes of the 3D demo set)."""
+    images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if not getattr(model_class, "needs_point_clouds", False):
+        return (images,)
+    import numpy as np
+
+    from anomalib_zsad.data.demo3d import render_sample
+
+    rng = np.random.default_rng(0)
+    clouds = [torch.from_numpy(render_sample("dome", size, rng)[1]).permute(2, 0, 1) for _ in range(count)]
+    return images, torch.stack(clouds)
 
 
 def lightning_checkpoint(model: AnomalibModule) -> dict:
@@ -108,6 +125,8 @@ def test_image_size_off_the_patch_grid_warns(model_class: type) -> None:
     ("CoOp", {"n_ctx": 0, "lam": -1, "dpam_start": 9}, ("n_ctx", "lam", "dpam_start")),
     ("BGAD", {"pos_beta": 1.5, "ml_loss": "x", "score_normalization": "y", "layers": []},
      ("pos_beta", "ml_loss", "score_normalization", "layers")),
+    ("M3DM", {"f_coreset": 0, "coreset_eps": 1.5, "n_reweight": 1, "ocsvm_nu": 0, "backbone": "resnet18"},
+     ("f_coreset", "coreset_eps", "n_reweight", "ocsvm_nu", "backbone")),
 ])
 def test_model_specific_arguments_are_checked(model_class: str, arguments: dict, named: tuple) -> None:
     cls = getattr(plugin_models, model_class)
@@ -150,11 +169,11 @@ def test_checkpoint_settings_are_adopted_and_conflicts_refused(model_class: type
     fresh.load_state_dict(checkpoint["state_dict"])
     assert fresh.settings["backbone"] == settings["backbone"]
     assert fresh.pre_processor.transform.transforms[0].size == [64, 64]
-    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    inputs = model_inputs(model_class)
     trained.eval()
     fresh.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fresh.model(images).anomaly_map, trained.model(images).anomaly_map)
+        torch.testing.assert_close(fresh.model(*inputs).anomaly_map, trained.model(*inputs).anomaly_map)
 
     # a setting the user did give, against the checkpoint: refused, naming what it needs
     with pytest.raises(ValueError, match="seed: checkpoint 3, now 1"):
@@ -305,8 +324,8 @@ def test_labels_and_masks_use_the_learnt_raw_thresholds() -> None:
 @pytest.mark.parametrize("model_class", MODELS, ids=ids)
 def test_same_settings_same_model(model_class: type) -> None:
     """The learnt parts start from ``seed``: two models built alike give the same numbers."""
-    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    inputs = model_inputs(model_class)
     settings = tiny(model_class)
     first, second = model_class(**settings, seed=5).eval(), model_class(**settings, seed=5).eval()
     with torch.no_grad():
-        torch.testing.assert_close(first.model(images).anomaly_map, second.model(images).anomaly_map, atol=0, rtol=0)
+        torch.testing.assert_close(first.model(*inputs).anomaly_map, second.model(*inputs).anomaly_map, atol=0, rtol=0)

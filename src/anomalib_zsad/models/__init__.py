@@ -9,6 +9,7 @@ from .bgad import BGAD
 from .clip_baseline import CLIPBaseline
 from .coop import CoOp
 from .glocalclip import GlocalCLIP
+from .m3dm import M3DM
 from .vand import Vand
 
-__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BGAD", "BayesPFL", "CLIPBaseline", "CoOp", "GlocalCLIP", "Vand"]
+__all__ = ["AACLIP", "AdaCLIP", "AnomalyCLIP", "BGAD", "BayesPFL", "CLIPBaseline", "CoOp", "GlocalCLIP", "M3DM", "Vand"]

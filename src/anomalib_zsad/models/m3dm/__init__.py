@@ -2,9 +2,12 @@
 
 from .backbones import RGBWeightsUnavailableError, load_rgb_backbone
 from .fusion import FeatureFusionBlock, load_uff_weights, read_uff_checkpoint
+from .lightning_model import M3DM, PointCloudsMissingError
 from .torch_model import M3DMModel, SampleFeatures, SampleScore
 
 __all__ = [
+    "M3DM",
+    "PointCloudsMissingError",
     "FeatureFusionBlock",
     "M3DMModel",
     "RGBWeightsUnavailableError",

@@ -85,18 +85,30 @@ def read_uff_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                "one), or use_uff=false.")
         raise FileNotFoundError(msg)
     stored = torch.load(path, map_location="cpu", weights_only=True)
+    bad = _non_finite(stored)
+    if bad:
+        msg = f"M3DM: {path}: tensor {bad} holds NaN or Inf values"
+        raise ValueError(msg)
     for key in ("model", "state_dict"):
         if isinstance(stored, dict) and isinstance(stored.get(key), dict):
             stored = stored[key]
     if not isinstance(stored, dict) or not any(k.endswith("xyz_mlp.fc1.weight") for k in stored):
         msg = f"M3DM: {path} holds no UFF (FeatureFusionBlock) weights: expected keys such as xyz_mlp.fc1.weight"
         raise ValueError(msg)
-    state = {k.removeprefix("module.").removeprefix("fusion."): v for k, v in stored.items()}
-    for key, value in state.items():
-        if torch.is_floating_point(value) and not torch.isfinite(value).all():
-            msg = f"M3DM: {path}: tensor {key} holds NaN or Inf values"
-            raise ValueError(msg)
-    return state
+    return {k.removeprefix("module.").removeprefix("fusion."): v for k, v in stored.items()}
+
+
+def _non_finite(stored: object, prefix: str = "") -> str | None:
+    """The first tensor (by key path) of a nested checkpoint with NaN or Inf values, or None."""
+    if isinstance(stored, torch.Tensor):
+        finite = not torch.is_floating_point(stored) or bool(torch.isfinite(stored).all())
+        return None if finite else (prefix or "<tensor>")
+    if isinstance(stored, dict):
+        for key, value in stored.items():
+            found = _non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+            if found:
+                return found
+    return None
 
 
 def load_uff_weights(block: FeatureFusionBlock, path: str | os.PathLike) -> None:
