@@ -113,8 +113,9 @@ def normalise_args(args: dict[str, Any]) -> dict[str, Any]:
 class ZSADBenchmarkJobGenerator(JobGenerator):
     """Yields one :class:`ZSADBenchmarkJob` per (model, data set, category, other grid values)."""
 
-    def __init__(self, accelerator: str) -> None:
+    def __init__(self, accelerator: str, threads_per_job: int | None = None) -> None:
         self.accelerator = accelerator
+        self.threads_per_job = threads_per_job
 
     @property
     def job_class(self) -> type:
@@ -126,13 +127,14 @@ class ZSADBenchmarkJobGenerator(JobGenerator):
         args: dict | None = None,
         prev_stage_result: PREV_STAGE_RESULT = None,
     ) -> Generator[ZSADBenchmarkJob, None, None]:
-        """Cells in config order (anomalib's grid product: models outermost, categories innermost)."""
+        """Cells in config order (anomalib's grid product: models outermost, categories innermost),
+        numbered so that a parallel runner's table keeps that order."""
         del prev_stage_result
         args = dict(args or {})
         output_dir = Path(args.pop("output_dir", DEFAULT_OUTPUT_DIR))
         stamp = datetime.now(tz=timezone.utc).strftime("%Y-%m-%d-%H_%M_%S")
         run_dir = output_dir / f"{stamp}-{self.accelerator}"
-        for container in get_iterator_from_grid_dict(normalise_args(args)):
+        for index, container in enumerate(get_iterator_from_grid_dict(normalise_args(args))):
             yield ZSADBenchmarkJob(
                 accelerator=self.accelerator,
                 seed=int(container["seed"]),
@@ -141,4 +143,6 @@ class ZSADBenchmarkJobGenerator(JobGenerator):
                 trainer_kwargs=container.get("trainer") or {},
                 run_dir=run_dir,
                 few_anomalies=container.get("few_anomalies"),
+                grid_index=index,
+                threads=self.threads_per_job,
             )

@@ -45,6 +45,7 @@ import torch
 from anomalib import LearningType
 from anomalib.callbacks import ModelCheckpoint
 from anomalib.pipelines.components import Job
+from filelock import FileLock
 from lightning import seed_everything
 
 from anomalib_zsad.models.components import PluginModuleMixin
@@ -175,6 +176,8 @@ class ZSADBenchmarkJob(Job):
         trainer_kwargs: dict[str, Any],
         run_dir: str | Path,
         few_anomalies: dict[str, Any] | None = None,
+        grid_index: int | None = None,
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         self.accelerator = accelerator
@@ -184,6 +187,8 @@ class ZSADBenchmarkJob(Job):
         self.trainer_kwargs = dict(trainer_kwargs)
         self.run_dir = Path(run_dir)
         self.few_anomalies = copy.deepcopy(few_anomalies) if few_anomalies else None
+        self.grid_index = grid_index  # the cell's place in the grid: the table's order under any runner
+        self.threads = threads  # torch threads of this cell (parallel cells on CPU share the cores)
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -227,18 +232,22 @@ class ZSADBenchmarkJob(Job):
                       self.model_entry.get("trainer"), self.seed)
         cache = self.run_dir / "aux_weights" / f"{self.model_entry['name']}-{key}"
         weights, meta = cache.with_suffix(".pt"), cache.with_suffix(".json")
-        shared = weights.exists() and meta.exists()
-        if not shared:
-            logger.info("Training %s on auxiliary data %s", self.model_entry["name"], aux_config.get("class_path"))
-            aux = build_datamodule(aux_config, target=target)
-            start = time.perf_counter()
-            self._engine(root, devices).fit_ignoring_learning_type(model, aux)
-            seconds = time.perf_counter() - start
-            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(trained_state(model), weights.with_suffix(".tmp"))
-            weights.with_suffix(".tmp").replace(weights)  # atomic for parallel runners
-            meta.write_text(json.dumps({"train_seconds": seconds, "trainable": trainable, "train_data": aux_config}))
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        # Under anomalib's ParallelRunner the cells that share these weights run at once: the first
+        # trains, the others wait for its weights instead of training the same thing again.
+        with FileLock(str(cache.with_suffix(".lock"))):
+            shared = weights.exists() and meta.exists()
+            if not shared:
+                logger.info("Training %s on auxiliary data %s", self.model_entry["name"], aux_config.get("class_path"))
+                aux = build_datamodule(aux_config, target=target)
+                start = time.perf_counter()
+                self._engine(root, devices).fit_ignoring_learning_type(model, aux)
+                seconds = time.perf_counter() - start
+                trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+                torch.save(trained_state(model), weights.with_suffix(".tmp"))
+                weights.with_suffix(".tmp").replace(weights)  # atomic
+                meta.write_text(json.dumps({"train_seconds": seconds, "trainable": trainable,
+                                            "train_data": aux_config}))
         info = json.loads(meta.read_text())
         # Always test a fresh model with the trained weights, so the first category is evaluated
         # exactly like the ones that reuse the cache (no state left over from the aux set-up).
@@ -253,7 +262,11 @@ class ZSADBenchmarkJob(Job):
     # -------------------------------------------------------------------------------------- run
     def run(self, task_id: int | None = None) -> dict[str, Any]:
         """Train as the model's regime requires, test, and return one result row (never raises)."""
-        devices: Any = [task_id] if task_id is not None else "auto"
+        # anomalib's ParallelRunner passes each worker's index: the GPU of that worker. On CPU a worker
+        # is one process (Lightning's CPU accelerator takes a count, not an index).
+        devices: Any = "auto" if task_id is None else [task_id] if self.accelerator in {"cuda", "gpu"} else 1
+        if self.threads:
+            torch.set_num_threads(self.threads)
         row: dict[str, Any] = {
             "model": self.model_entry["name"],
             "model_class": self.model_entry.get("class_path"),
@@ -262,6 +275,7 @@ class ZSADBenchmarkJob(Job):
             "seed": self.seed,
             "accelerator": self.accelerator,
             "run_dir": str(self.run_dir),
+            "grid_index": self.grid_index,
         }
         try:
             row.update(self._run(devices))
@@ -337,8 +351,11 @@ class ZSADBenchmarkJob(Job):
     # ------------------------------------------------------------------------ collect and save
     @staticmethod
     def collect(results: list[dict[str, Any]]) -> pd.DataFrame:
-        """One row per cell, in grid order."""
-        return pd.DataFrame(results)
+        """One row per cell, in grid order (anomalib's ParallelRunner gathers them as they finish)."""
+        frame = pd.DataFrame(results)
+        if "grid_index" in frame and frame["grid_index"].notna().all():
+            frame = frame.sort_values("grid_index", kind="stable").reset_index(drop=True)
+        return frame
 
     @staticmethod
     def save(results: pd.DataFrame) -> None:

@@ -15,6 +15,7 @@ The CLI finds pipelines in ``anomalib.cli.pipelines.PIPELINE_REGISTRY`` (a plain
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,24 +35,33 @@ if TYPE_CHECKING:
 class ZSADBenchmark(Benchmark):
     """Benchmark grid of zero-/few-shot, auxiliary-trained and full-shot anomaly models.
 
-    Run ``anomalib benchmark --config configs/benchmark/demo_grid.yaml``.
+    Run ``anomalib benchmark --config configs/benchmark/demo_grid.yaml``. Runners as anomalib's:
+    serial on CPU or one GPU, anomalib's ``ParallelRunner`` (one cell per GPU at a time) on several
+    GPUs; ``n_jobs: N`` beside ``accelerator: cpu`` runs CPU cells in N processes too. Any runner
+    gives the same table (docs/distributed.md).
     """
 
     @staticmethod
     def _setup_runners(args: dict) -> list[Runner]:
         accelerators = args.get("accelerator", "cpu")
         accelerators = accelerators if isinstance(accelerators, list) else [accelerators]
+        cpu_jobs = args.get("n_jobs", 1)
+        if isinstance(cpu_jobs, bool) or not isinstance(cpu_jobs, int) or cpu_jobs < 1:
+            msg = f"n_jobs must be a positive number of parallel CPU cells, got {args.get('n_jobs')!r}"
+            raise ValueError(msg)
         runners: list[Runner] = []
         for accelerator in accelerators:
             if accelerator not in {"cpu", "cuda", "gpu"}:
                 msg = f"Unsupported accelerator: {accelerator} (use cpu or cuda)"
                 raise ValueError(msg)
             device_count = torch.cuda.device_count()
-            generator = ZSADBenchmarkJobGenerator(accelerator)
-            if device_count <= 1 or accelerator == "cpu":
-                runners.append(SerialRunner(generator))
-            else:
-                runners.append(ParallelRunner(generator, n_jobs=device_count))
+            if accelerator == "cpu" and cpu_jobs > 1:  # cells in n_jobs processes sharing the cores
+                threads = max(1, (os.cpu_count() or 1) // cpu_jobs)
+                runners.append(ParallelRunner(ZSADBenchmarkJobGenerator(accelerator, threads), n_jobs=cpu_jobs))
+            elif device_count <= 1 or accelerator == "cpu":
+                runners.append(SerialRunner(ZSADBenchmarkJobGenerator(accelerator)))
+            else:  # anomalib's rule: one cell per GPU at a time
+                runners.append(ParallelRunner(ZSADBenchmarkJobGenerator(accelerator), n_jobs=device_count))
         return runners
 
     def run(self, args: Namespace | None = None) -> None:

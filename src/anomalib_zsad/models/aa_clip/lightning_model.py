@@ -23,6 +23,7 @@ from anomalib_zsad.clip import ClipModel
 from anomalib_zsad.models.components import ZeroShotModuleMixin
 from anomalib_zsad.models.components.class_names import class_names_for
 from anomalib_zsad.models.components.contract import ArgumentCheck
+from anomalib_zsad.models.components.distributed import global_batch_mean
 
 from .checkpoint import load_official_checkpoint, read_official_checkpoint
 from .loss import AACLIPLoss
@@ -205,7 +206,8 @@ class AACLIP(ZeroShotModuleMixin, AnomalibModule):
         names, masks = self._class_names(batch), self.masks_for_training(batch)
         if self.stage == "text":
             out = self.model.stage1_outputs(batch.image, names)
-            terms = self.loss.stage1(out["level_logits"], out["text"], masks)
+            # the orthogonality term squares a batch mean: over every process's images under DDP
+            terms = self.loss.stage1(out["level_logits"], out["text"], masks, batch_mean=global_batch_mean)
             optimiser = text_opt
         else:
             out = self.model.stage2_outputs(batch.image, names)

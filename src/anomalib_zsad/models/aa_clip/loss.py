@@ -14,6 +14,8 @@ size (``align_corners=True``) and a softmax, then the shared focal + two Dice te
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -52,10 +54,12 @@ class AACLIPLoss(nn.Module):
             "dice_anomalous": torch.stack([self.dice(p[:, 1], masks) for p in probs]),
         }
 
-    def stage1(self, level_logits: list[torch.Tensor], text: torch.Tensor, masks: torch.Tensor | None
-               ) -> dict[str, torch.Tensor]:
-        """Text-adapter loss. ``text`` [B, E, 2] anchors of each sample, ``masks`` [B, H, W] in {0, 1}."""
-        orthogonal = (text[:, :, 0] * text[:, :, 1]).sum(-1).mean() ** 2
+    def stage1(self, level_logits: list[torch.Tensor], text: torch.Tensor, masks: torch.Tensor | None,
+               batch_mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean) -> dict[str, torch.Tensor]:
+        """Text-adapter loss. ``text`` [B, E, 2] anchors of each sample, ``masks`` [B, H, W] in {0, 1}.
+        ``batch_mean``: the mean over the batch of the orthogonality term (under DDP, over every
+        process's images: :func:`~anomalib_zsad.models.components.distributed.global_batch_mean`)."""
+        orthogonal = batch_mean((text[:, :, 0] * text[:, :, 1]).sum(-1)) ** 2
         terms: dict = {"orthogonal_loss": orthogonal}
         loss = self.orthogonal_weight * orthogonal
         if masks is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib.metrics import Evaluator
@@ -80,6 +80,9 @@ class AdaCLIP(ZeroShotModuleMixin, AnomalibModule):
     pos_embed_mode = "bicubic"  # the official resize: plain bicubic, no antialias
     text_depends_on_image = True  # dynamic text prompts from each image's feature
     paper_max_epochs = 5
+    # the text prompter's static_prompts.0 is created (official weights hold it) but block 0 is not
+    # prompted: DDP must not wait for its gradient
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(
         self,

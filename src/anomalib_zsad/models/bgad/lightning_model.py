@@ -263,8 +263,10 @@ class BGAD(PluginModuleMixin, AnomalibModule):
         self._epoch_reference = [-math.inf] * len(self.model.flows)
 
     def on_train_epoch_end(self) -> None:
-        """The map's reference likelihoods: the largest normal ones seen in this epoch."""
+        """The map's reference likelihoods: the largest normal ones seen in this epoch (by any
+        process under DDP, so that every process scores maps alike)."""
         seen = torch.tensor(self._epoch_reference, dtype=self.model.logp_reference.dtype)
+        seen = self.trainer.strategy.reduce(seen.to(self.device), reduce_op="max").cpu()
         if torch.isfinite(seen).all():
             self.model.logp_reference.copy_(seen.to(self.model.logp_reference.device))
 

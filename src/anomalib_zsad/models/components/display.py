@@ -69,6 +69,16 @@ def _merge(old: tuple[float, float], new: tuple[float, float]) -> tuple[float, f
     return low, high
 
 
+def _all_processes_range(trainer: Trainer, local: tuple[float, float]) -> tuple[float, float]:
+    """The range over every process's maps (NaN where no process saw any)."""
+    low = math.inf if math.isnan(local[0]) else local[0]
+    high = -math.inf if math.isnan(local[1]) else local[1]
+    device = getattr(trainer.strategy, "root_device", torch.device("cpu"))
+    low = float(trainer.strategy.reduce(torch.tensor(low, dtype=torch.float64, device=device), reduce_op="min"))
+    high = float(trainer.strategy.reduce(torch.tensor(high, dtype=torch.float64, device=device), reduce_op="max"))
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else (math.nan, math.nan)
+
+
 def pixel_threshold_of(pl_module: Any) -> float:  # noqa: ANN401
     """The pixel threshold learnt on validation masks, or NaN (none learnt, or no post-processor)."""
     post = getattr(pl_module, "post_processor", None)
@@ -110,7 +120,8 @@ class ZeroShotVisualizer(ImageVisualizer):
             self._validation_range = _merge(self._validation_range, map_range(outputs.anomaly_map))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        del trainer
+        if getattr(trainer, "world_size", 1) > 1:  # DDP: each process saw its share of the validation set
+            self._validation_range = _all_processes_range(trainer, self._validation_range)
         if not math.isnan(self._validation_range[0]) and "range" not in self._given:
             self.map_min, self.map_max = self._validation_range
         if "threshold" not in self._given:

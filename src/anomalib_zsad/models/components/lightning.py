@@ -38,6 +38,7 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
@@ -110,6 +111,11 @@ class PluginModuleMixin(ModelContract):
 
     #: what the untrained warning says the scores are
     untrained_scores: ClassVar[str] = "random prompts"
+    #: whether some training steps leave learnt parameters without gradients (a stage that trains
+    #: one part, a parameter the official code creates but never uses): DDP must then look for
+    #: them (``find_unused_parameters``) or it fails at the next step. None: where the model
+    #: optimises manually (stages, several optimisers, one flow per step).
+    ddp_find_unused_parameters: ClassVar[bool | None] = None
 
     def init_contract(self, pre_processor: nn.Module | bool, official_checkpoint: Any = None,  # noqa: ANN401
                       renamed: Sequence[str] = ()) -> None:
@@ -173,6 +179,46 @@ class PluginModuleMixin(ModelContract):
         if stage == "fit":
             self.use_paper_epochs()
             _ = self.model
+            self.prepare_for_ddp()
+
+    def prepare_for_ddp(self) -> None:
+        """Where some training steps leave learnt parameters without gradients (see
+        :attr:`ddp_find_unused_parameters`), tell Lightning's DDP strategy to look for them before
+        it wraps the model (after ``setup``); a strategy given with the flag keeps it. Nothing
+        changes without DDP. (The frozen backbone is left out of DDP by
+        :attr:`_ddp_params_and_buffers_to_ignore`.)"""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        find_unused = self.ddp_find_unused_parameters
+        if find_unused is None:
+            find_unused = not self.automatic_optimization
+        kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if (isinstance(strategy, DDPStrategy) and find_unused and isinstance(kwargs, dict)
+                and "find_unused_parameters" not in kwargs):
+            logger.info("%s: DDP with find_unused_parameters=True (some of its training steps leave learnt "
+                        "parameters without gradients)", type(self).__name__)
+            kwargs["find_unused_parameters"] = True
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What DDP leaves out: the frozen backbone's parameters and buffers, as the model is now.
+
+        Read by ``DistributedDataParallel`` when Lightning wraps the model for training, and by
+        Lightning's own broadcast of the model's state before validate/test/predict. Every process
+        builds the backbone alike from the same settings (weights file or tag, seed of random
+        weights) and training never changes it, so these broadcasts (1.7 GB for a CLIP
+        ViT-L/14@336, and its buffers before every training forward) would copy identical values;
+        it has no gradients, so nothing else of DDP concerns it. A property, not a list set once:
+        the backbone is built lazily (at ``setup("fit")``, a checkpoint, the first batch), and what
+        is broadcast must be the same in a process that has built it and in one that has not yet."""
+        frozen = [name for name, p in self.named_parameters() if name.startswith(self.frozen_prefixes)
+                  and not p.requires_grad]  # (a trainable one there would still be averaged)
+        frozen += [name for name, _ in self.named_buffers() if name.startswith(self.frozen_prefixes)]
+        return frozen + [name for name in self.__dict__.get("_ddp_ignored_extra", ()) if name not in frozen]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
+        """(``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``: names added to the backbone's.)"""
+        self.__dict__["_ddp_ignored_extra"] = list(names)
 
     def ready_for_inference(self) -> None:
         """Build if not yet built, and say so loudly where the learnt parts were never learnt."""
