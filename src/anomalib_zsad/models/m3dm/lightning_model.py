@@ -88,7 +88,8 @@ class M3DM(PluginModuleMixin, AnomalibModule):
         ocsvm_nu: ``nu`` of the two ``SGDOneClassSVM`` (official 0.5).
         ocsvm_maxiter: their ``max_iter`` (official 1000).
         ocsvm_seed: their ``random_state`` (official 42).
-        max_sample: training samples used at most (official 400).
+        max_sample: the official limit of training samples: the first ``max_sample + 1`` are used
+            (the official loop stops once its counter exceeds it; 400: every MVTec 3D-AD class fits).
         seed: random weights (tests), the random UFF, the projection of the coreset (officially
             numpy's global generator after ``set_seeds(0)``) and stochastic-depth draws.
         allow_backbone_mismatch: run a checkpoint on other backbones or another image size than it was fitted with.
@@ -278,7 +279,7 @@ class M3DM(PluginModuleMixin, AnomalibModule):
         """Collect the batch's patches (nothing is optimised)."""
         del args, kwargs
         clouds = self.clouds_of(batch)
-        room = self.settings["max_sample"] - self._collected
+        room = self.settings["max_sample"] + 1 - self._collected  # the official loop stops after max_sample + 1
         if room <= 0:
             return
         images, clouds = batch.image[:room], clouds[:room]
