@@ -455,3 +455,39 @@ def test_runs_land_in_the_tree_of_anomalib_test_on_the_target(demo_root: Path, t
     run_dir, images = trees[1]
     assert run_dir.relative_to(tmp_path / "results").parts[:3] == ("Padim", "MVTecAD", "coffee")
     assert len(set(images)) == PER_CATEGORY and all(p.parent.parent == run_dir / "images" for p in images)
+
+
+@pytest.mark.parametrize(("count", "batch_size", "replicas", "seed"), [(11, 2, 2, 5), (7, 4, 3, None), (3, 2, 4, 1)])
+def test_mask_grouped_batches_under_ddp_as_lightning_injects_them(count: int, batch_size: int, replicas: int,
+                                                                  seed: int | None) -> None:
+    """Lightning rebuilds a training loader's batch sampler with its DistributedSampler (found by the
+    argument name ``sampler``). Every process must then get the same number of batches, none mixing
+    samples with and without masks, together covering every sample, in one order they agree on."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+
+    from anomalib_zsad.data._samples_dataset import MaskGroupedBatchSampler
+
+    has_mask = [i % 3 != 0 for i in range(count)]
+    dataset = list(range(count))
+    with _replace_dunder_methods(BatchSampler):
+        loader = DataLoader(dataset, batch_sampler=MaskGroupedBatchSampler(
+            SequentialSampler(dataset), batch_size, has_mask=has_mask, seed=seed))
+    per_rank = []
+    for rank in range(replicas):
+        distributed = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True)
+        rebuilt = _update_dataloader(loader, distributed, mode=RunningStage.TRAINING)
+        sampler = rebuilt.batch_sampler
+        assert isinstance(sampler, MaskGroupedBatchSampler) and sampler.has_mask == has_mask
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        per_rank.append(batches)
+    assert len({len(batches) for batches in per_rank}) == 1  # DDP needs the same number of steps
+    seen = [index for batches in per_rank for batch in batches for index in batch]
+    assert set(seen) == set(range(count))
+    assert all(len({has_mask[i] for i in batch}) == 1 for batches in per_rank for batch in batches)
+    single = list(MaskGroupedBatchSampler(SequentialSampler(dataset), batch_size, has_mask=has_mask, seed=seed))
+    if seed is not None:  # the processes share the one-process batches (padded by repetition)
+        assert {tuple(b) for batches in per_rank for b in batches} == {tuple(b) for b in single}

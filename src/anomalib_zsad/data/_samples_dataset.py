@@ -14,7 +14,7 @@ image-level loss only).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -22,7 +22,7 @@ from anomalib import TaskType
 from anomalib.data import ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 from torchvision.tv_tensors import Mask
 
 from anomalib_zsad.data.image_io import read_image_rgb, read_mask_binary
@@ -116,27 +116,42 @@ class PooledDataset(AnomalibDataset):
         )
 
 
-class MaskGroupedBatchSampler(Sampler[list[int]]):
-    """Shuffled batches that never mix samples with and without masks.
+class MaskGroupedBatchSampler(BatchSampler):
+    """Shuffled batches that never mix samples with and without masks, in one process or under DDP.
 
     Each group is shuffled and cut into batches; the batch order is then shuffled, so both kinds
     are interleaved over an epoch. A new permutation is drawn every epoch (``seed`` + epoch
     counter when a seed is given, for reproducibility).
+
+    Under distributed training Lightning rebuilds a loader's batch sampler with its
+    ``DistributedSampler`` as ``sampler`` (it finds that argument by name). This sampler reads only
+    the rank and the number of processes from it: every process draws the same global batch list
+    (from ``seed``, else the distributed sampler's seed), pads it by repeating its first batches to
+    a multiple of the number of processes, and takes every n-th batch. So each process runs the same
+    number of steps (DDP needs that), no image is missed, and no batch mixes the two kinds. Grouping
+    the distributed sampler's own shard instead would give the processes different numbers of
+    batches, and the old signature made Lightning pass that sampler as ``has_mask``.
     """
 
-    def __init__(self, has_mask: list[bool], batch_size: int, seed: int | None = None, drop_last: bool = False) -> None:
-        self.groups = [[i for i, m in enumerate(has_mask) if m], [i for i, m in enumerate(has_mask) if not m]]
-        self.batch_size = batch_size
-        self.drop_last = drop_last
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = False, *,
+                 has_mask: Sequence[bool], seed: int | None = None) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.has_mask = list(has_mask)
+        self.groups = [[i for i, m in enumerate(self.has_mask) if m], [i for i, m in enumerate(self.has_mask) if not m]]
         self.seed = seed
         self._epoch = 0
 
-    def _generator(self) -> torch.Generator:
+    def _replicas(self) -> tuple[int, int]:
+        """(rank, number of processes) of a distributed sampler, else (0, 1)."""
+        return int(getattr(self.sampler, "rank", 0)), int(getattr(self.sampler, "num_replicas", 1))
+
+    def _generator(self, replicas: int) -> torch.Generator:
         generator = torch.Generator()
-        if self.seed is None:
+        seed = self.seed if self.seed is not None or replicas == 1 else int(getattr(self.sampler, "seed", 0))
+        if seed is None:
             generator.seed()
         else:
-            generator.manual_seed(self.seed + self._epoch)
+            generator.manual_seed(seed + self._epoch)
         return generator
 
     def _batches(self, generator: torch.Generator) -> list[list[int]]:
@@ -149,15 +164,24 @@ class MaskGroupedBatchSampler(Sampler[list[int]]):
                     batches.append(batch)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = self._generator()
-        self._epoch += 1
-        batches = self._batches(generator)
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
-
-    def __len__(self) -> int:
+    def _global_count(self) -> int:
         sizes = [len(g) for g in self.groups]
         if self.drop_last:
             return sum(s // self.batch_size for s in sizes)
         return sum(-(-s // self.batch_size) for s in sizes)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rank, replicas = self._replicas()
+        generator = self._generator(replicas)
+        self._epoch += 1
+        batches = self._batches(generator)
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        if replicas > 1 and order:
+            padded = -(-len(order) // replicas) * replicas  # repeat the first batches up to a multiple
+            order = (order * replicas)[:padded][rank::replicas]
+        for i in order:
+            yield batches[i]
+
+    def __len__(self) -> int:
+        _, replicas = self._replicas()
+        return (self._global_count() + replicas - 1) // replicas

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from anomalib.data import AnomalibDataModule, Visa
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from torchvision.transforms.v2 import Transform
 
 from anomalib_zsad.data._samples_dataset import MaskGroupedBatchSampler, PooledDataset
@@ -239,7 +239,8 @@ class CrossDataset(AnomalibDataModule):
             return super().train_dataloader()
         return DataLoader(
             dataset=self.train_data,
-            batch_sampler=MaskGroupedBatchSampler(has_mask, self.train_batch_size, seed=self.seed),
+            batch_sampler=MaskGroupedBatchSampler(SequentialSampler(self.train_data), self.train_batch_size,
+                                                  has_mask=has_mask, seed=self.seed),
             num_workers=self.num_workers,
             collate_fn=self.external_collate_fn or self.train_data.collate_fn,
         )
