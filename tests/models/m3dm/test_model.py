@@ -208,3 +208,34 @@ def test_anomalib_train_on_the_3d_demo_set(demo3d: Path, tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pixel_AUPRO" in result.stdout + result.stderr
     assert list((tmp_path / "run").rglob("*.ckpt"))
+
+
+# ------------------------------------------------------------------------------------------ the 8-bit blur
+@pytest.mark.parametrize(("size", "radius"), [((224, 224), 4), ((64, 64), 4), ((31, 17), 2.5), ((5, 7), 7),
+                                              ((1, 9), 1), ((40, 40), 0.3)])
+def test_gaussian_blur_is_pillows_bit_for_bit(size: tuple[int, int], radius: float) -> None:
+    """Pillow's box-blur approximation of a Gaussian on 8-bit images, in torch integer arithmetic."""
+    from PIL import Image, ImageFilter
+
+    from anomalib_zsad.models.m3dm.memory import gaussian_blur_8bit
+
+    rng = np.random.default_rng(sum(size))
+    for image in (rng.integers(0, 256, size=size, dtype=np.uint8),
+                  np.clip(rng.normal(100, 60, size=size), 0, 255).astype(np.uint8)):
+        expected = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+        np.testing.assert_array_equal(gaussian_blur_8bit(torch.from_numpy(image), radius).numpy(), expected)
+
+
+def test_map_blur_is_the_official_knn_gaussian_blur() -> None:
+    """``KNNGaussianBlur``: ToPILImage(map / max) -> GaussianBlur(4) -> ToTensor * max."""
+    from PIL import ImageFilter
+    from torchvision.transforms import ToPILImage, ToTensor
+
+    from anomalib_zsad.models.m3dm.memory import blur_8bit
+
+    score_map = torch.rand(1, 1, 56, 56, generator=torch.Generator().manual_seed(0)) * 3
+    score_map = torch.nn.functional.interpolate(score_map, size=(224, 224), mode="bilinear")
+    peak = score_map.max()
+    expected = ToTensor()(ToPILImage()(score_map[0] / peak).filter(ImageFilter.GaussianBlur(radius=4))) * peak
+    torch.testing.assert_close(blur_8bit(score_map[0, 0], 4), expected[0], atol=0, rtol=0)
+    assert not blur_8bit(torch.zeros(8, 8)).any()

@@ -314,8 +314,8 @@ class M3DM(PluginModuleMixin, AnomalibModule):
 
     def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401
         msg = ("M3DM is not exported through anomalib's single-image exporters: it takes an RGB image and its point "
-               "cloud, and its point sampling, memory-bank search and 8-bit blur run outside a static graph. Use "
-               "the torch model (M3DMModel) or a Lightning checkpoint; see docs/models/m3dm.md.")
+               "cloud, and its farthest point sampling and foreground selection depend on the cloud (no static "
+               "graph). Use the torch model (M3DMModel) or a Lightning checkpoint; see docs/models/m3dm.md.")
         raise NotImplementedError(msg)
 
     def to_torch(self, *args, **kwargs) -> Any:  # noqa: ANN401

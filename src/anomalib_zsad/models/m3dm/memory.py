@@ -17,6 +17,7 @@ Everything here follows the official arithmetic, quirks included (the parity set
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,14 +123,54 @@ def score_modality(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int, int
                          s=s, s_map=s_map)
 
 
+def pillow_box_radius(radius: float, passes: int = 3) -> float:
+    """Pillow's ``_gaussian_blur_radius``: the fractional box radius whose ``passes`` box blurs
+    approximate a Gaussian of standard deviation ``radius`` (float32 arithmetic as the C code,
+    its ``sqrt``/``floor`` in double)."""
+    f32 = np.float32
+    sigma2 = f32(f32(radius) * f32(radius) / f32(passes))
+    length = f32(math.sqrt(12.0 * float(sigma2) + 1.0))
+    whole = f32(math.floor((float(length) - 1.0) / 2.0))
+    fraction = f32(f32(f32(2) * whole + f32(1)) * f32(whole * f32(whole + f32(1)) - f32(3) * sigma2))
+    fraction = f32(fraction / f32(f32(6) * f32(sigma2 - f32(whole + f32(1)) * f32(whole + f32(1)))))
+    return float(f32(whole + fraction))
+
+
+def _box_pass(values: torch.Tensor, radius: int, weight: int, edge_weight: int) -> torch.Tensor:
+    """One pass of Pillow's ``ImagingLineBoxBlur8`` along the last axis, in exact integer arithmetic:
+    the ``2r+1`` pixels of the window with weight ``ww``, the next one on each side with ``fw``
+    (8.24 fixed point), edges repeated, rounded to 8 bits."""
+    size = values.shape[-1]
+    shape = (*values.shape[:-1], radius + 1)
+    padded = torch.cat([values[..., :1].expand(shape), values, values[..., -1:].expand(shape)], dim=-1)
+    window = padded.unfold(-1, 2 * radius + 1, 1)[..., 1:size + 1, :].sum(-1)
+    far = padded[..., :size] + padded[..., 2 * radius + 2:2 * radius + 2 + size]
+    return (window * weight + far * edge_weight + (1 << 23)) >> 24
+
+
+def gaussian_blur_8bit(image: torch.Tensor, radius: float = 4, passes: int = 3) -> torch.Tensor:
+    """Pillow's ``ImageFilter.GaussianBlur(radius)`` on 8-bit images ``[..., H, W]``, bit for bit:
+    ``passes`` box blurs along the rows, then along the columns, each rounded to 8 bits."""
+    box = pillow_box_radius(radius, passes)
+    whole = int(box)
+    weight = int(np.float32(1 << 24) / np.float32(np.float32(box) * np.float32(2) + np.float32(1)))
+    edge_weight = ((1 << 24) - (2 * whole + 1) * weight) // 2
+    values = image.to(torch.int64)
+    for _ in range(passes):
+        values = _box_pass(values, whole, weight, edge_weight)
+    values = values.transpose(-1, -2)
+    for _ in range(passes):
+        values = _box_pass(values, whole, weight, edge_weight)
+    return values.transpose(-1, -2).to(torch.uint8)
+
+
 def blur_8bit(score_map: torch.Tensor, radius: float = 4) -> torch.Tensor:
     """The official ``KNNGaussianBlur``: the map divided by its maximum, quantised to 8 bits
     (``mul(255).byte()``, truncation), Pillow's ``GaussianBlur(radius)`` on the 8-bit image, back
-    to [0, 1] (``/255``) and times the maximum. ``[H, W]`` in and out (float32)."""
-    from PIL import Image, ImageFilter
-
+    to [0, 1] (``/255``) and times the maximum. ``[H, W]`` in and out (float32). The blur is
+    :func:`gaussian_blur_8bit` (Pillow's integer arithmetic in torch, on any device)."""
     peak = score_map.max()
-    quantised = (score_map / peak).mul(255).byte().cpu().numpy()
-    blurred = Image.fromarray(quantised).filter(ImageFilter.GaussianBlur(radius=radius))
-    out = torch.from_numpy(np.asarray(blurred, dtype=np.uint8).copy()).to(score_map.device)
-    return out.float().div(255) * peak
+    if not bool(peak > 0):
+        return torch.zeros_like(score_map)
+    quantised = (score_map / peak).mul(255).to(torch.uint8)
+    return gaussian_blur_8bit(quantised, radius).float().div(255) * peak
