@@ -1,4 +1,4 @@
-"""GPU readiness check: every plugin model trains one epoch and tests on the offline demo set, in
+"""GPU readiness check: every plugin CLIP model trains one epoch and tests on the offline demo set, in
 fp32 and mixed precision, with outputs held to the CPU's; then the latency table's ``torch-cuda``
 column at the papers' backbone and resolution.
 

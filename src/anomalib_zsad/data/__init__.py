@@ -13,6 +13,8 @@ themselves; :func:`install_rgb_image_reader` makes anomalib's own readers use it
 * :class:`MVTecLayout` - any data set in MVTec AD layout, masks optional (converted sets, own data);
   converters from the published layouts: ``python -m anomalib_zsad.data.convert --list``.
 * :class:`MVTecLOCOFixed` - anomalib's MVTec LOCO datamodule with an indexing that works under pandas 3.
+* :class:`MVTec3DFixed` - anomalib's MVTec 3D-AD datamodule with an indexing that works under
+  pandas 3 (M3DM's data).
 * :class:`FewAnomalies` - a category's normal training images plus k of its anomalies (supervised
   regime, BGAD), the drawn ones left out of evaluation.
 * :func:`make_demo_dataset` - write the small offline MVTec-layout demo set;
@@ -34,6 +36,7 @@ _EXPORTS = {
     "MVTecLayout": "anomalib_zsad.data.mvtec_layout",
     "MVTecLOCOFixed": "anomalib_zsad.data.loco",
     "FewAnomalies": "anomalib_zsad.data.few_anomalies",
+    "MVTec3DFixed": "anomalib_zsad.data.mvtec3d",
     "select_shots": "anomalib_zsad.data.cross_dataset",
     "make_demo_dataset": "anomalib_zsad.data.demo",
     "ZSADDemo": "anomalib_zsad.data.demo_datamodule",
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from anomalib_zsad.data.few_anomalies import FewAnomalies
     from anomalib_zsad.data.image_io import install_rgb_image_reader, read_image_rgb, uninstall_rgb_image_reader
     from anomalib_zsad.data.loco import MVTecLOCOFixed
+    from anomalib_zsad.data.mvtec3d import MVTec3DFixed
     from anomalib_zsad.data.mvtec_layout import MVTecLayout
     from anomalib_zsad.data.validation import FolderSummary, validate_folder_dataset, validate_image_folder
 
@@ -80,6 +84,7 @@ def activate() -> None:
     from anomalib_zsad.data.demo_datamodule import ZSADDemo
     from anomalib_zsad.data.few_anomalies import FewAnomalies
     from anomalib_zsad.data.loco import MVTecLOCOFixed
+    from anomalib_zsad.data.mvtec3d import MVTec3DFixed
     from anomalib_zsad.data.mvtec_layout import MVTecLayout
 
 

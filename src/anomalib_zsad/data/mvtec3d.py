@@ -12,7 +12,7 @@ get empty masks, as anomalib does for them). Layout (as published)::
     <root>/<category>/{train,validation,test}/<label>/xyz/NNN.tiff
     <root>/<category>/test/<label>/gt/NNN.png
 
-Command line: ``anomalib train --model M3DM --data anomalib_zsad.data.mvtec3d.MVTec3DFixed
+Command line: ``anomalib train --model M3DM --data MVTec3DFixed
 --data.root datasets/MVTec3D --data.category bagel``.
 """
 
