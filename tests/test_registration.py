@@ -29,12 +29,6 @@ def test_get_model_finds_the_plugin_by_short_name_and_path() -> None:
     assert result.stdout.split() == ["anomalib_zsad.models.anomalyclip.lightning_model", "AnomalyCLIP", "True"]
 
 
-def test_cli_resolves_the_short_name() -> None:
-    result = run("anomalib", "train", "--model", "AnomalyCLIP", "--print_config")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "class_path: anomalib_zsad.models.AnomalyCLIP" in result.stdout
-
-
 def test_cli_resolves_the_short_names_of_a_non_clip_model_and_its_datamodule() -> None:
     result = run("anomalib", "train", "--model", "BGAD", "--data", "FewAnomalies", "--data.datamodule", "MVTecAD",
                  "--print_config")

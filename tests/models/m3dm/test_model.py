@@ -5,7 +5,6 @@ reload) is in ``tests/models/test_contract_flow.py``; parity with the official c
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from anomalib_zsad.models.m3dm import (
     read_uff_checkpoint,
 )
 from anomalib_zsad.pointcloud import PointMAEWeightsUnavailableError
-from conftest import PROJECT_ROOT
 
 TINY = {"backbone": "vit_small_patch8_224.dino", "pretrained": False, "point_checkpoint": None, "image_size": 64,
         "num_group": 32, "group_size": 16}
@@ -191,23 +189,6 @@ def test_stochastic_depth_is_off_unless_asked_and_then_seeded() -> None:
     b1 = drawn[1].point_features(cloud)[0]
     assert torch.equal(a1, b1)  # same seed, same draws
     assert not torch.equal(a1, a2) or not torch.equal(a1, first)  # draws change the features
-
-
-# ------------------------------------------------------------------------------------------ command line
-@pytest.mark.slow
-def test_anomalib_train_on_the_3d_demo_set(demo3d: Path, tmp_path: Path) -> None:
-    """``anomalib train --model M3DM --data ...MVTec3DFixed --data.root <demo>`` trains and tests."""
-    command = ["anomalib", "train", "--model", "M3DM", "--data",
-               "anomalib_zsad.data.mvtec3d.MVTec3DFixed", "--data.root", str(demo3d), "--data.category", "dome",
-               "--data.num_workers", "0", "--data.train_batch_size", "2", "--data.eval_batch_size", "2",
-               "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path / "run")]
-    for name, value in TINY.items():
-        command += [f"--model.{name}", "null" if value is None else str(value).lower() if isinstance(value, bool)
-                    else str(value)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "pixel_AUPRO" in result.stdout + result.stderr
-    assert list((tmp_path / "run").rglob("*.ckpt"))
 
 
 # ------------------------------------------------------------------------------------------ the 8-bit blur
