@@ -187,19 +187,8 @@ def make_demo_dataset(
         "n_test_defect": int(n_test_defect),
         "defect_types": list(defect_types),
     }
-    try:
-        _remove_stale_temporaries(root)
-        if _is_complete(root, params):
-            return root
-        is_demo = _read_manifest(root) is not None
-        if root.exists() and any(root.iterdir()) and not (overwrite and is_demo):
-            what = "a demo set made with other parameters" if is_demo else "files that are not a demo set"
-            hint = "pass overwrite=True (--overwrite) or" if is_demo else "use"
-            msg = f"'{root}' already contains {what}; {hint} another root."
-            raise DatasetError(msg)
-        root.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DatasetError(_cannot_write(root, error)) from error
+    if _already_there(root, params, overwrite):
+        return root
 
     try:
         tmp, lock = _make_temporary(root)
@@ -217,6 +206,27 @@ def make_demo_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         _unlock(lock)
     return root
+
+
+def _already_there(root: Path, params: dict, overwrite: bool) -> bool:
+    """True when ``root`` holds a complete set made with ``params`` (nothing to write). Otherwise the
+    folder may be written (empty, missing, or an older demo set with ``overwrite``): its parent is
+    made, leftovers of interrupted runs are removed; anything else raises :class:`DatasetError`
+    before a file is written. Shared by the 2D and the 3D demo generators."""
+    try:
+        _remove_stale_temporaries(root)
+        if _is_complete(root, params):
+            return True
+        is_demo = _read_manifest(root) is not None
+        if root.exists() and any(root.iterdir()) and not (overwrite and is_demo):
+            what = "a demo set made with other parameters" if is_demo else "files that are not a demo set"
+            hint = "pass overwrite=True (--overwrite) or" if is_demo else "use"
+            msg = f"'{root}' already contains {what}; {hint} another root."
+            raise DatasetError(msg)
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatasetError(_cannot_write(root, error)) from error
+    return False
 
 
 def _cannot_write(root: Path, error: OSError) -> str:

@@ -39,11 +39,9 @@ from PIL import Image
 
 from anomalib_zsad.data.demo import (
     MANIFEST,
+    _already_there,
     _cannot_write,
-    _is_complete,
     _make_temporary,
-    _read_manifest,
-    _remove_stale_temporaries,
     _swap_into_place,
     _unlock,
 )
@@ -230,19 +228,8 @@ def make_demo3d_dataset(
     params = {"version": FORMAT_VERSION, "kind": "mvtec3d", "seed": int(seed), "categories": list(categories),
               "image_size": int(image_size), "n_train": int(n_train), "n_test_good": int(n_test_good),
               "n_test_defect": int(n_test_defect), "defect_types": list(defect_types)}
-    try:
-        _remove_stale_temporaries(root)
-        if _is_complete(root, params):
-            return root
-        is_demo = _read_manifest(root) is not None
-        if root.exists() and any(root.iterdir()) and not (overwrite and is_demo):
-            what = "a demo set made with other parameters" if is_demo else "files that are not a demo set"
-            hint = "pass overwrite=True (--overwrite) or" if is_demo else "use"
-            msg = f"'{root}' already contains {what}; {hint} another root."
-            raise DatasetError(msg)
-        root.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DatasetError(_cannot_write(root, error)) from error
+    if _already_there(root, params, overwrite):
+        return root
     try:
         tmp, lock = _make_temporary(root)
     except OSError as error:
