@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--models", nargs="+", default=clip_models(), choices=clip_models(), metavar="MODEL",
+    models = clip_models()
+    parser.add_argument("--models", nargs="+", default=models, choices=models, metavar="MODEL",
                         help="default: every CLIP model of the plugin (%(default)s)")
     parser.add_argument("--precisions", nargs="+", choices=list(TOLERANCE), default=None,
                         help="default: all three on cuda; 32 and bf16-mixed on cpu (no fp16 autocast there)")
