@@ -3,6 +3,7 @@ official code on the same inputs and weights.
 
     python benchmarks/latency.py                                   # ViT-L/14@336 at 518 px, random weights
     python benchmarks/latency.py --official-src ~/src/AnomalyCLIP  # + the official code, same run
+    python benchmarks/latency.py --model Vand --official-src ~/src/VAND-APRIL-GAN --backends torch --rounds 3
     python benchmarks/latency.py --backbone zsad-tiny --image-size 224 --runs 3   # quick smoke run
     python benchmarks/latency.py --model AdaCLIP                   # any plugin model (Vand, AACLIP, BayesPFL, ...)
     python benchmarks/latency.py --batch-size 8                    # throughput: images per second in batches of 8
@@ -13,6 +14,9 @@ min / median / max seconds per batch, images per second at the median,
 peak resident memory, the ratio to the official code (official median / this median) and the
 largest difference of score and map to our torch model on the same input (equal outputs are part
 of the comparison). Random weights are enough for timing (no weights can be downloaded here).
+``--rounds N`` runs the backends N times in turn (ours, official, ours, official, ...), each time in a
+fresh process, so that other load on the machine falls on both sides alike; the times are pooled.
+The official code of the siblings (Vand, AdaCLIP, AACLIP, BayesPFL) is driven by ``official_code.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import official_code  # (benchmarks/official_code.py: the siblings' official inference paths)
+
 BACKENDS = ("torch", "openvino", "openvino-int8", "official", "torch-cuda")
 
 
@@ -39,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1, help="images per call (throughput at 1, 4, 8, ...)")
-    parser.add_argument("--official-src", type=Path, help="an export of github zqhang/AnomalyCLIP")
+    parser.add_argument("--official-src", type=Path,
+                        help="an export of the model's official repository (AnomalyCLIP, Vand, AdaCLIP, AACLIP, "
+                             "BayesPFL; commits in the models' READMEs)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the backends this many times in turn")
     parser.add_argument("--backends", nargs="+", default=["torch", "openvino", "openvino-int8"], choices=BACKENDS)
     parser.add_argument("--calibration-images", type=int, default=8, help="INT8 calibration set size")
     parser.add_argument("--work-dir", type=Path, help="keep the exported models here")
@@ -75,7 +85,10 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
     result: dict = {"backend": args.worker}
     if args.worker in {"torch", "torch-cuda"}:
         device = "cuda" if args.worker == "torch-cuda" else "cpu"
-        model = build_model(args).model.to(device)
+        model = build_model(args).model
+        if (work / "model.pt").exists():  # the weights the official side got (random init differs per process)
+            model.load_state_dict(torch.load(work / "model.pt", weights_only=True))
+        model = model.to(device)
         inputs = image.to(device)
 
         def call(x):
@@ -100,8 +113,13 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
         torch.save({"score": torch.as_tensor(named["pred_score"]).reshape(-1),
                     "map": torch.as_tensor(named["anomaly_map"]).reshape(image.shape[0], *image.shape[-2:])},
                    work / f"out-{args.worker}.pt")
-    elif args.worker == "official":
+    elif args.worker == "official" and args.model == "AnomalyCLIP":
         result.update(official_worker(args, work, image))
+    elif args.worker == "official":
+        call = official_code.RUNNERS[args.model][0](args.official_src, work)
+        result["times"] = time_calls(call, image, args.runs)
+        score, amap = call(image)
+        torch.save({"score": score.float(), "map": amap.float()}, work / "out-official.pt")
     result["peak_mib"] = peak_rss_mib()
     return result
 
@@ -182,7 +200,18 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     torch.save(model.pre_processor.transform(raw), work / "input.pt")
     (work / "layers.json").write_text(json.dumps(list(getattr(model.model, "feature_layers", []))))
     if "official" in args.backends:
-        export_official_weights(model, work)
+        if args.model == "AnomalyCLIP":
+            export_official_weights(model, work)
+        else:
+            from anomalib_zsad.clip.architecture import EXTRA_ARCHITECTURES
+
+            official_code.round_to_fp16(model.model.clip)
+            official_code.write_openai_archive(model.model.clip, work / official_code.OPENAI_ARCHIVE)
+            config = official_code.RUNNERS[args.model][1](model, work)
+            (work / "official.json").write_text(json.dumps(
+                {"image_size": args.image_size, "open_clip_name": args.backbone, **config,
+                 "architecture": EXTRA_ARCHITECTURES.get(args.backbone)}))
+        torch.save(model.model.state_dict(), work / "model.pt")
     if {"openvino", "openvino-int8"} & set(args.backends):
         from anomalib.engine import Engine
 
@@ -275,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args, args.work_dir)))
         return 0
     if args.official_src:
-        if args.model != "AnomalyCLIP":
-            print("--official-src times the official AnomalyCLIP code only", file=sys.stderr)
+        if args.model != "AnomalyCLIP" and args.model not in official_code.RUNNERS:
+            print(f"--official-src: no official runner for {args.model} (AnomalyCLIP, {', '.join(official_code.RUNNERS)})",
+                  file=sys.stderr)
             return 2
         args.backends = [*dict.fromkeys([*args.backends, "official"])]
     try:
@@ -291,14 +321,21 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         print(f"preparing {args.backbone} at {args.image_size} px (random weights) in {work} ...", flush=True)
         prepare(args, work)
-        results = []
-        for backend in args.backends:
-            print(f"timing {backend} ...", flush=True)
-            if (result := run_backend(backend, args, work)) is not None:
-                results.append(result)
+        pooled: dict[str, dict] = {}
+        for round_index in range(args.rounds):
+            for backend in args.backends:
+                print(f"timing {backend} (round {round_index + 1}/{args.rounds}) ...", flush=True)
+                if (result := run_backend(backend, args, work)) is not None:
+                    if backend in pooled:
+                        pooled[backend]["times"] += result["times"]
+                        pooled[backend]["peak_mib"] = max(pooled[backend]["peak_mib"], result["peak_mib"])
+                    else:
+                        pooled[backend] = result
+        results = list(pooled.values())
+        rounds = f" in each of {args.rounds} alternating rounds" if args.rounds > 1 else ""
         print(f"\n{args.model}, {args.backbone}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
               f"{args.threads} threads, "
-              f"{args.runs} runs after 1 warm-up\n")
+              f"{args.runs} runs after 1 warm-up{rounds}\n")
         print(report(results, work, args.batch_size))
     return 0
 
