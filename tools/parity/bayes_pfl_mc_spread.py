@@ -28,10 +28,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import official_run as orun
 import torch
 
-MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073))
-STD = torch.tensor((0.26862954, 0.26130258, 0.27577711))
+MEAN, STD = torch.tensor(orun.CLIP_MEAN), torch.tensor(orun.CLIP_STD)
 
 
 def load(path: Path) -> dict:

@@ -19,8 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import official_run as orun
 import torch
-from anomalyclip_vand_common import narrow_clip_state_dict, pkg_resources_stub, stub_module
+from narrow_clip import narrow_clip_state_dict, narrow_config
 
 DESIGN = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
 
@@ -34,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     patches: list[str] = []
-    pkg_resources_stub(patches, "")
-    stub_module("thop", patches, "", profile=None)
+    orun.pkg_resources_stub(patches, "")
+    orun.stub_module("thop", patches, "", profile=None)
     sys.path.insert(0, str(args.src.resolve()))
     import prompt_ensemble
     from AnomalyCLIP_lib.build_model import build_model
@@ -44,7 +45,7 @@ def main() -> None:
     from anomalib_zsad.models.anomalyclip.checkpoint import load_official_checkpoint
     from anomalib_zsad.models.anomalyclip.torch_model import AnomalyCLIPModel
 
-    state = narrow_clip_state_dict(args.seed, width=args.width)
+    state = narrow_clip_state_dict(args.seed, narrow_config(32, args.width, args.width))
     with contextlib.redirect_stdout(io.StringIO()):
         official = build_model("ViT-L/14@336px", {k: v.clone() for k, v in state.items()}, DESIGN).float()
         learner = prompt_ensemble.AnomalyCLIP_PromptLearner(official, DESIGN)

@@ -18,15 +18,12 @@ The set goes to ``<out>/aa_clip``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import os
-import runpy
 import shutil
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -35,26 +32,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from narrow_clip import (
-    DEFECTS,
-    make_images,
-    narrow_clip_state_dict,
-    pack_bits,
-    patched,
-    sha256,
-    torchscript_archive,
-)
+import official_run as orun
+from narrow_clip import clip_cfg, narrow_config, write_narrow_clip
 
 COMMIT = "53db195f230442aa118c246876c94ba1c76139cc"
 WIDTH = 64
-NARROW = {"embed_dim": WIDTH,
-          "vision_cfg": {"image_size": 336, "layers": 24, "width": WIDTH, "patch_size": 14, "head_width": 32},
-          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": WIDTH, "heads": 2, "layers": 12}}
+NARROW = narrow_config(WIDTH, WIDTH, WIDTH, text_heads=2, vision_head_width=32)  # 2 heads a tower
 OFFICIAL_CONFIG = {"embed_dim": 768, "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}}
 WIDTH_MAP = {1024: WIDTH, 768: WIDTH}
-MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073))
-STD = torch.tensor((0.26862954, 0.26130258, 0.27577711))
+MEAN, STD = torch.tensor(orun.CLIP_MEAN), torch.tensor(orun.CLIP_STD)
 OFFICIAL_FILES = ["test.py", "train.py", "forward_utils.py", "utils.py", "dataset/__init__.py", "dataset/constants.py",
                   "model/adapter.py", "model/adapter_modules.py", "model/clip.py", "model/openai.py", "model/model.py",
                   "model/transformer.py", "model/tokenizer.py", "model/model_configs/ViT-L-14-336.json"]
@@ -92,17 +79,17 @@ def write_data(root: Path, run_dir: Path, images: np.ndarray, masks: np.ndarray)
     file_names = []
     for name, raws in TEST_SET.items():
         for raw in raws:
-            kind = "defect" if DEFECTS[raw] else "good"
+            kind = "defect" if orun.DEFECTS[raw] else "good"
             layout["BTAD"].append({"raw": raw, "class_name": name, "image_path": f"{name}/test/{kind}/{raw:03d}.png",
                                    "mask_path": f"{name}/ground_truth/{kind}/{raw:03d}.png"})
             file_names.append(f"{name}/test/{kind}/{raw:03d}.png")
     for name, raws in MEDICAL_SET.items():
         for raw in raws:
-            kind = "Ungood" if DEFECTS[raw] else "good"
+            kind = "Ungood" if orun.DEFECTS[raw] else "good"
             layout["Brain"].append({"raw": raw, "class_name": name, "image_path": f"test/{kind}/img/{raw:03d}.png",
                                     "mask_path": f"test/{kind}/label/{raw:03d}.png"})
     for name, raw in TRAIN_SET:
-        kind = "Anomaly" if DEFECTS[raw] else "Normal"
+        kind = "Anomaly" if orun.DEFECTS[raw] else "Normal"
         layout["VisA"].append({"raw": raw, "class_name": name, "image_path": f"{name}/Data/Images/{kind}/{raw:03d}.png",
                                "mask_path": f"{name}/Data/Masks/{kind}/{raw:03d}.png"})
     roots = {}
@@ -111,7 +98,7 @@ def write_data(root: Path, run_dir: Path, images: np.ndarray, masks: np.ndarray)
         roots[dataset] = str(data_root)
         lines = []
         for entry in entries:
-            raw, label = entry["raw"], int(DEFECTS[entry["raw"]] is not None)
+            raw, label = entry["raw"], int(orun.DEFECTS[entry["raw"]] is not None)
             (data_root / entry["image_path"]).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[raw]).save(data_root / entry["image_path"])
             line = {"image_path": entry["image_path"], "label": float(label), "class_name": entry["class_name"]}
@@ -163,30 +150,20 @@ def numeric_mean(orig):
 
 
 def main() -> None:  # noqa: C901
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help=f"export of the official repository (commit {COMMIT[:7]})")
-    parser.add_argument("--out", type=Path, required=True, help="set root: the files go to <out>/aa_clip")
-    parser.add_argument("--seed", type=int, default=100)
+    parser = orun.generator_parser(__doc__, "aa_clip", COMMIT, threads=False)
     parser.add_argument("--run-seed", type=int, default=None, help="official --seed (default 111 + seed - 100)")
     args = parser.parse_args()
     run_seed = 111 + args.seed - 100 if args.run_seed is None else args.run_seed
-    timings: dict[str, float] = {}
-    start = time.time()
-    out = args.out / "aa_clip"
-    out.mkdir(parents=True, exist_ok=True)
+    out, timings, start = orun.start_set(args, "aa_clip")
     src = args.src.resolve()
-    file_hashes = {name: sha256(src / name) for name in OFFICIAL_FILES}
+    file_hashes = {name: orun.sha256(src / name) for name in OFFICIAL_FILES}
 
-    work = Path(tempfile.mkdtemp(prefix="aa_clip_parity_"))
+    work, _ = orun.work_dir("aa_clip")  # the official code is imported from --src itself (it writes nothing there)
     run_dir = work / "run"
     run_dir.mkdir()
-    t0 = time.time()
-    clip_state = narrow_clip_state_dict(args.seed, WIDTH, WIDTH, WIDTH)
-    torch.save(clip_state, out / "clip_state_dict.pt")
-    archive = work / "ViT-L-14-336px.pt"
-    torchscript_archive(clip_state, archive)
-    timings["build_clip"] = round(time.time() - t0, 2)
-    images, masks = make_images(args.seed + 2, 4)
+    with orun.timed(timings, "build_clip"):
+        _, archive = write_narrow_clip(args.seed, NARROW, out, work)
+    images, masks = orun.make_images(args.seed + 2, 4)
     data = write_data(work / "data", run_dir, images, masks)
 
     install_stubs()
@@ -384,8 +361,7 @@ def main() -> None:  # noqa: C901
     adapter_module.AdaptedCLIP = ObservedAdaptedCLIP
     try:
         with contextlib.ExitStack() as stack:
-            for obj, name, make in wrappers:
-                stack.enter_context(patched(obj, name, make))
+            orun.patch_all(stack, wrappers)
             sink = io.StringIO()
             stack.enter_context(contextlib.redirect_stdout(sink))
             stack.enter_context(contextlib.redirect_stderr(sink))
@@ -393,15 +369,14 @@ def main() -> None:  # noqa: C901
             for dataset in ("BTAD", "Brain"):
                 t0 = time.time()
                 state.update(phase=f"test_{dataset}", stage=0)
-                sys.argv = ["test.py", "--dataset", dataset, "--save_path", str(ckpt_dir), "--seed", str(run_seed)]
-                with patched(pandas.DataFrame, "mean", numeric_mean):
-                    runpy.run_path(str(src / "test.py"), run_name="__main__")
+                with orun.patched(pandas.DataFrame, "mean", numeric_mean):
+                    orun.run_main(src / "test.py", ["--dataset", dataset, "--save_path", str(ckpt_dir), "--seed",
+                                               str(run_seed)])
                 timings[f"official_test_py_{dataset}"] = round(time.time() - t0, 2)
             t0 = time.time()
             state.update(phase="train", stage=1)
-            sys.argv = ["train.py", "--training_mode", "full_shot", "--text_epoch", "1", "--image_epoch", "1",
-                        "--save_path", str(train_dir), "--seed", str(run_seed)]
-            runpy.run_path(str(src / "train.py"), run_name="__main__")
+            orun.run_main(src / "train.py", ["--training_mode", "full_shot", "--text_epoch", "1", "--image_epoch", "1",
+                                        "--save_path", str(train_dir), "--seed", str(run_seed)])
             timings["official_train_py"] = round(time.time() - t0, 2)
     finally:
         adapter_module.AdaptedCLIP = official_adapted
@@ -409,7 +384,7 @@ def main() -> None:  # noqa: C901
 
     # 4. the set
     tok = torch.arange(0, 1369, 8)
-    idx = torch.cat([torch.arange(0, 518, 9), torch.tensor([517])])
+    idx = orun.UPSAMPLED_INDEX
 
     def sub(maps: torch.Tensor) -> torch.Tensor:
         return maps[..., idx, :][..., idx]
@@ -453,13 +428,14 @@ def main() -> None:  # noqa: C901
     test_raw_index = torch.tensor([r for raws in TEST_SET.values() for r in raws])
     inputs = {
         "raw_images_uint8": torch.from_numpy(images), "raw_masks_uint8": torch.from_numpy(masks),
-        "raw_labels": torch.tensor([int(d is not None) for d in DEFECTS]),
+        "raw_labels": torch.tensor([int(d is not None) for d in orun.DEFECTS]),
         "test_raw_index": test_raw_index, "test_class": [c for c, raws in TEST_SET.items() for _ in raws],
         "test_images_resized_uint8": resized_u8,
-        "test_masks_packed": pack_bits(torch.stack([it[4] for it in test_items])),
+        "test_masks_packed": orun.pack_bits(torch.stack([it[4] for it in test_items])),
         "medical_raw_index": torch.tensor(MEDICAL_SET["Brain"]),
         "meta": {"test_dataset": "BTAD", "medical_dataset": "Brain", "train_dataset": "VisA", "test_set": TEST_SET,
-                 "medical_set": MEDICAL_SET, "train_set": TRAIN_SET, "defects": DEFECTS, "data_seed": args.seed + 2,
+                 "medical_set": MEDICAL_SET, "train_set": TRAIN_SET, "defects": orun.DEFECTS,
+                 "data_seed": args.seed + 2,
                  "file_names": data["file_names"]},
     }
     first_text = rec["test_BTAD:encode_text0"][:2]
@@ -487,9 +463,7 @@ def main() -> None:  # noqa: C901
                          f"default (--seed {run_seed})",
             "official_model_config": OFFICIAL_CONFIG, "narrow_model_config": NARROW,
             "width_map": WIDTH_MAP,
-            "clip_cfg": {"vision_width": WIDTH, "vision_layers": 24, "vision_patch_size": 14, "vision_grid": 24,
-                         "text_width": WIDTH, "text_layers": 12, "embed_dim": WIDTH, "context_length": 77,
-                         "vocab_size": 49408, "seed": args.seed, "storage_dtype": "float16"},
+            "clip_cfg": clip_cfg(NARROW, args.seed),
             "adapter_seed": args.seed + 1,
             "adapter_init": "torch.manual_seed(seed); xavier_uniform_ on text_adapter params then image_adapter "
                             "params (named_parameters order)",
@@ -510,8 +484,8 @@ def main() -> None:  # noqa: C901
         x = torch.stack([it[3] for it in chosen])
         u8, fill = encode(x)
         return {"class_names": [it[6] for it in chosen], "labels": torch.stack([torch.as_tensor(it[5]) for it in chosen]),
-                "images_uint8": u8, "images_fill_packed": pack_bits(fill),
-                "masks_packed": pack_bits(torch.stack([it[4] for it in chosen]))}
+                "images_uint8": u8, "images_fill_packed": orun.pack_bits(fill),
+                "masks_packed": orun.pack_bits(torch.stack([it[4] for it in chosen]))}
 
     def terms(stage: int) -> dict:
         focal = torch.stack(rec[f"train:focal{stage}"])
@@ -560,17 +534,12 @@ def main() -> None:  # noqa: C901
                  "image_decode": "x = where(fill, 0, (uint8/255 - mean)/std) per channel (torch float32 ops), "
                                  "bitwise"},
     }
-    torch.save(inputs, out / "inputs.pt")
-    torch.save(outputs, out / "outputs.pt")
-    torch.save(train_step, out / "train_step.pt")
     timings["total"] = round(time.time() - start, 2)
     info = {"timings_s": timings, "patches": PATCHES, "official_commit": COMMIT, "official_file_sha256": file_hashes,
             "env": outputs["meta"]["env"], "seed": args.seed, "run_seed": run_seed,
             "generator": "tools/parity/make_aa_clip_set.py"}
-    (out / "run_info.json").write_text(json.dumps(info, indent=1))
-    os.chdir(Path(__file__).resolve().parent)
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} in {timings['total']} s", file=sys.__stdout__)
+    orun.write_set(out, {"inputs.pt": inputs, "outputs.pt": outputs, "train_step.pt": train_step}, info)
+    orun.finish(out, work, timings["total"])
 
 
 if __name__ == "__main__":

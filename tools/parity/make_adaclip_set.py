@@ -15,138 +15,27 @@ and the images from ``numpy.random.default_rng(S + 2)``; ``--seed 100`` remakes 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import io
 import json
-import math
 import os
-import runpy
 import shutil
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
 
 import numpy as np
+import official_run as orun
 import torch
 import torch.nn.functional as F  # noqa: N812
+from narrow_clip import BPE_SHA256, narrow_config, write_narrow_clip
 
+COMMIT = "e27ee32bf19be149795c8c8972d4c3c88cd5a496"
 CLASS = "candle"
 VISA_CLASSES = ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
                 "pcb3", "pcb4", "pipe_fryum"]
-NARROW = {"embed_dim": 64,
-          "vision_cfg": {"image_size": 336, "layers": 24, "width": 64, "patch_size": 14},
-          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 12}}
-BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-BLOCK = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "ln_1.weight",
-         "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_2.weight",
-         "ln_2.bias"]
-
-
-# ----------------------------------------------------------------------------- weights and data
-def openai_keys(vision_layers: int, text_layers: int) -> list[str]:
-    """Key order of OpenAI's CLIP ``state_dict()`` (ViT)."""
-    keys = ["positional_embedding", "text_projection", "logit_scale", "visual.class_embedding",
-            "visual.positional_embedding", "visual.proj", "visual.conv1.weight", "visual.ln_pre.weight",
-            "visual.ln_pre.bias"]
-    keys += [f"visual.transformer.resblocks.{i}.{b}" for i in range(vision_layers) for b in BLOCK]
-    keys += ["visual.ln_post.weight", "visual.ln_post.bias"]
-    keys += [f"transformer.resblocks.{i}.{b}" for i in range(text_layers) for b in BLOCK]
-    return [*keys, "token_embedding.weight", "ln_final.weight", "ln_final.bias"]
-
-
-def narrow_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """The narrow random CLIP of the set's README, section 1 (fp16, OpenAI layout)."""
-    v, t, e = NARROW["vision_cfg"], NARROW["text_cfg"], NARROW["embed_dim"]
-    grid = v["image_size"] // v["patch_size"]
-    shapes = {"positional_embedding": (t["context_length"], t["width"]), "text_projection": (t["width"], e),
-              "visual.class_embedding": (v["width"],), "visual.positional_embedding": (grid * grid + 1, v["width"]),
-              "visual.proj": (v["width"], e), "visual.conv1.weight": (v["width"], 3, v["patch_size"], v["patch_size"]),
-              "token_embedding.weight": (t["vocab_size"], t["width"])}
-    torch.manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for key in openai_keys(v["layers"], t["layers"]):
-        if key == "logit_scale":
-            out[key] = torch.tensor(math.log(1 / 0.07)).half()
-            continue
-        tower = v if key.startswith("visual.") else t
-        w, layers = tower["width"], tower["layers"]
-        leaf = key.split("resblocks.")[1].split(".", 1)[1] if "resblocks" in key else key.split(".")[-1]
-        if "resblocks" in key:
-            shape = {"attn.in_proj_weight": (3 * w, w), "attn.in_proj_bias": (3 * w,), "attn.out_proj.weight": (w, w),
-                     "mlp.c_fc.weight": (4 * w, w), "mlp.c_fc.bias": (4 * w,), "mlp.c_proj.weight": (w, 4 * w)}.get(
-                leaf, (w,))
-        elif ".ln_" in key or key.startswith("ln_"):
-            shape = (w,)
-        else:
-            shape = shapes[key]
-        n = torch.randn(shape)
-        layer_norm = any(part.startswith("ln_") for part in key.split("."))
-        if layer_norm and key.endswith("weight"):
-            value = 1 + 0.1 * n
-        elif layer_norm:
-            value = 0.1 * n
-        elif leaf == "attn.in_proj_weight":
-            value = n * w**-0.5
-        elif leaf in ("attn.out_proj.weight", "mlp.c_proj.weight"):
-            value = n * w**-0.5 * (2 * layers) ** -0.5
-        elif leaf == "mlp.c_fc.weight":
-            value = n * (2 * w) ** -0.5
-        elif key.endswith("bias"):
-            value = 0.02 * n
-        elif key == "visual.conv1.weight":
-            value = n * (3 * v["patch_size"] ** 2) ** -0.5
-        elif key in ("visual.class_embedding", "visual.positional_embedding", "visual.proj", "text_projection"):
-            value = n * e**-0.5
-        elif key == "token_embedding.weight":
-            value = 0.02 * n
-        elif key == "positional_embedding":
-            value = 0.01 * n
-        else:
-            raise KeyError(key)
-        out[key] = value.half()
-    out["input_resolution"] = torch.tensor(v["image_size"])
-    out["context_length"] = torch.tensor(t["context_length"])
-    out["vocab_size"] = torch.tensor(t["vocab_size"])
-    return out
-
-
-def torchscript_archive(state: dict[str, torch.Tensor], path: Path) -> None:
-    """A TorchScript archive whose ``state_dict()`` is ``state`` (what OpenAI distributes)."""
-    class Node(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    root = Node()
-    for key, value in state.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for name in parents:
-            if not hasattr(module, name):
-                module.add_module(name, Node())
-            module = getattr(module, name)
-        module.register_buffer(leaf, value.clone())
-    torch.jit.save(torch.jit.script(root), str(path))
-
-
-def make_images(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two 256 x 256 RGB images (image 1 with a red "defect") and their 0/255 masks."""
-    rng = np.random.default_rng(seed)
-    coarse, fine = rng.random((2, 8, 8, 3)), rng.random((2, 256, 256, 3))
-    images, masks = [], []
-    for index in range(2):
-        mixed = 0.6 * np.kron(coarse[index], np.ones((32, 32, 1))) + 0.4 * fine[index]
-        image = np.round(255 * mixed).clip(0, 255).astype(np.uint8)
-        mask = np.zeros((256, 256), np.uint8)
-        if index == 1:
-            image[96:160, 64:144] = [250, 40, 40]
-            mask[96:160, 64:144] = 255
-        images.append(image)
-        masks.append(mask)
-    return np.stack(images), np.stack(masks)
+NARROW = narrow_config(64, 64, 64)  # width 64 = one head, embed 64 (README section 1)
 
 
 def write_visa(root: Path, images: np.ndarray, masks: np.ndarray) -> None:
@@ -171,10 +60,6 @@ def write_visa(root: Path, images: np.ndarray, masks: np.ndarray) -> None:
     (visa / "meta.json").write_text(json.dumps(meta))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- patches
 def install_stubs(record: dict) -> None:
     """Modules the official code imports but this environment lacks (README section 8, item 2)."""
@@ -197,60 +82,24 @@ def install_stubs(record: dict) -> None:
     sys.modules["torch.utils.tensorboard"] = tb
 
 
-class LegacyImage:
-    """``PIL.Image`` proxy: ``fromarray`` of a float64 array in mode 'L' gives the all-zero image that
-    Pillow < 11 made (base_dataset.py builds normal images' masks so)."""
-
-    def __init__(self, module) -> None:
-        self._module = module
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-    def fromarray(self, array, mode=None):
-        if mode == "L" and np.asarray(array).dtype == np.float64:
-            return self._module.fromarray(np.asarray(array).astype(np.uint8), mode="L")
-        return self._module.fromarray(array) if mode is None else self._module.fromarray(array, mode=mode)
-
-
-@contextlib.contextmanager
-def patched(obj, name: str, make):
-    original = getattr(obj, name)
-    setattr(obj, name, make(original))
-    try:
-        yield original
-    finally:
-        setattr(obj, name, original)
-
-
 # ----------------------------------------------------------------------------- the run
 def main() -> None:  # noqa: C901
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help="export of the official repository (commit e27ee32)")
-    parser.add_argument("--out", type=Path, required=True, help="set root: the files go to <out>/adaclip")
-    parser.add_argument("--seed", type=int, default=100)
+    parser = orun.generator_parser(__doc__, "adaclip", COMMIT)
     parser.add_argument("--bpe", type=Path, default=None, help="CLIP BPE vocab (default: open_clip's copy)")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    timings: dict[str, float] = {}
-    start = time.time()
-    out = args.out / "adaclip"
-    out.mkdir(parents=True, exist_ok=True)
+    out, timings, start = orun.start_set(args, "adaclip")
     record: dict = {}
 
-    work = Path(tempfile.mkdtemp(prefix="adaclip_parity_"))
-    src = work / "src"
-    shutil.copytree(args.src, src)
+    work, src = orun.work_dir("adaclip", args.src)
     bpe = args.bpe
     if bpe is None:
         import open_clip
 
         bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    if sha256(bpe) != BPE_SHA256:
+    if orun.sha256(bpe) != BPE_SHA256:
         raise SystemExit(f"{bpe} is not the CLIP BPE vocabulary (SHA-256 {BPE_SHA256})")
     shutil.copyfile(bpe, src / "method" / "bpe_simple_vocab_16e6.txt.gz")
-    file_hashes = {str(p.relative_to(src)): sha256(p) for p in sorted(src.rglob("*.py"))
+    file_hashes = {str(p.relative_to(src)): orun.sha256(p) for p in sorted(src.rglob("*.py"))
                    if p.parent.name in ("", "method", "dataset", "tools") or p.parent == src}
     run_dir = work / "run"
     (run_dir / "model_configs").mkdir(parents=True)
@@ -258,13 +107,9 @@ def main() -> None:  # noqa: C901
     config_path.write_text(json.dumps(NARROW))
 
     # 1. CLIP, learnable tensors, data
-    t0 = time.time()
-    clip_state = narrow_clip_state_dict(args.seed)
-    torch.save(clip_state, out / "clip_state_dict.pt")
-    archive = work / "ViT-L-14-336px.pt"
-    torchscript_archive(clip_state, archive)
-    timings["build_clip"] = round(time.time() - t0, 2)
-    images, masks = make_images(args.seed + 2)
+    with orun.timed(timings, "build_clip"):
+        _, archive = write_narrow_clip(args.seed, NARROW, out, work)
+    images, masks = orun.make_images(args.seed + 2, 2)
     write_visa(work / "datasets", images, masks)
 
     install_stubs(record)
@@ -281,7 +126,7 @@ def main() -> None:  # noqa: C901
 
     custom_clip.add_model_config(config_path)
     custom_clip.download_pretrained_from_url = lambda _url, cache_dir=None: str(archive)  # noqa: ARG005
-    base_dataset.Image = LegacyImage(base_dataset.Image)
+    base_dataset.Image = orun.LegacyImage(base_dataset.Image)
 
     features_list = [6, 12, 18, 24]
     hyper = {"prompting_depth": 4, "prompting_length": 5, "prompting_branch": "VL", "prompting_type": "SD",
@@ -448,21 +293,19 @@ def main() -> None:  # noqa: C901
             return loss
         return train_one_batch
 
+    def trainer_names() -> dict:
+        return {id(p): n.removeprefix("clip_model.") for n, p in state["trainers"][-1].named_parameters()}
+
+    def store_step(optimizer, grads, without, after) -> None:
+        hyper = {k2: v for k2, v in optimizer.defaults.items() if isinstance(v, (int, float, tuple, bool))}
+        record["train_runs"][-1].update(grads=grads, params_without_grad=without, params_after_step=after,
+                                        optimizer_hyper=hyper)
+
     def wrap_step(orig):
+        observed = orun.optimizer_step(trainer_names, store_step)(orig)
+
         def step(self, *a, **k):
-            if state["phase"] != "train":
-                return orig(self, *a, **k)
-            trainer = state["trainers"][-1]
-            names = {id(p): n.removeprefix("clip_model.") for n, p in trainer.named_parameters()}
-            params = [p for group in self.param_groups for p in group["params"]]
-            grads = {names[id(p)]: p.grad.detach().clone() for p in params if p.grad is not None}
-            without = [names[id(p)] for p in params if p.grad is None]
-            result = orig(self, *a, **k)
-            after = {names[id(p)]: p.detach().clone() for p in params}
-            record["train_runs"][-1].update(grads=grads, params_without_grad=without, params_after_step=after,
-                                            optimizer_hyper={k2: v for k2, v in self.defaults.items()
-                                                             if isinstance(v, (int, float, tuple, bool))})
-            return result
+            return observed(self, *a, **k) if state["phase"] == "train" else orig(self, *a, **k)
         return step
 
     def wrap_evaluation(orig):
@@ -471,11 +314,6 @@ def main() -> None:  # noqa: C901
             record.setdefault(f"{state['phase']}_metrics", []).append(metrics)
             return metrics
         return evaluation
-
-    def norm_on_clone(orig):
-        def norm(self, *a, **k):
-            return orig(self.clone() if self.requires_grad else self, *a, **k)
-        return norm
 
     common = [
         (trainer_module.AdaCLIP_Trainer, "__init__", wrap_init),
@@ -497,21 +335,19 @@ def main() -> None:  # noqa: C901
         (torch.optim.AdamW, "step", wrap_step),
     ]
     with contextlib.ExitStack() as stack:
-        for obj, name, make in common:
-            stack.enter_context(patched(obj, name, make))
+        orun.patch_all(stack, common)
         # 3. official test.py (inference) then train.py (two steps, evaluation, save)
         t0 = time.time()
         state["phase"] = "test"
         (run_dir / "workspaces" / "csvs").mkdir(parents=True)
-        sys.argv = ["test.py", "--ckt_path", str(learnable_path), "--testing_model", "dataset", "--testing_data", "visa"]
         with contextlib.redirect_stdout(io.StringIO()):
-            runpy.run_path(str(src / "test.py"), run_name="__main__")
+            orun.run_main(src / "test.py", ["--ckt_path", str(learnable_path), "--testing_model", "dataset",
+                                       "--testing_data", "visa"])
         timings["official_test_py"] = round(time.time() - t0, 2)
         t0 = time.time()
         state["phase"] = "train"
-        sys.argv = ["train.py", "--training_data", "visa", "--testing_data", "visa", "--epoch", "1"]
-        with patched(torch.Tensor, "norm", norm_on_clone), contextlib.redirect_stdout(io.StringIO()):
-            runpy.run_path(str(src / "train.py"), run_name="__main__")
+        with orun.patched(torch.Tensor, "norm", orun.norm_on_clone), contextlib.redirect_stdout(io.StringIO()):
+            orun.run_main(src / "train.py", ["--training_data", "visa", "--testing_data", "visa", "--epoch", "1"])
         timings["official_train_py_epoch1"] = round(time.time() - t0, 2)
 
     # 4. write the set
@@ -519,8 +355,7 @@ def main() -> None:  # noqa: C901
     n_images = len(runs)
     if n_images != 2:
         raise SystemExit(f"expected 2 test images, got {n_images}")
-    token_index = torch.arange(0, 1369 + 1, 8)
-    up_index = torch.cat([torch.arange(0, 518, 9), torch.tensor([517])])
+    token_index, up_index = orun.TOKEN_INDEX, orun.UPSAMPLED_INDEX
     items = record["test_items"]
     labels = torch.tensor([it[3] for it in items])
     inputs = {"raw_images_uint8": torch.from_numpy(images), "raw_masks_uint8": torch.from_numpy(masks),
@@ -580,9 +415,6 @@ def main() -> None:  # noqa: C901
                   "meta": {"argv": sys.argv, "optimizer": "AdamW",
                            "optimizer_hyper": record["train_runs"][0]["optimizer_hyper"], "seed": 111,
                            "batch_order": [it[0] for it in train_items]}}
-    torch.save(inputs, out / "inputs.pt")
-    torch.save(outputs, out / "outputs.pt")
-    torch.save(train_step, out / "train_step.pt")
     timings["total"] = round(time.time() - start, 2)
     info = {"timings_s": timings, "seed": args.seed, "generator": "tools/parity/make_adaclip_set.py",
             "patches": ["BPE vocab from open_clip", "stubs: pkg_resources, seaborn, torch.utils.tensorboard",
@@ -590,9 +422,8 @@ def main() -> None:  # noqa: C901
                         "dataset.base_dataset.Image -> legacy fromarray proxy", "test.py: csvs dir created",
                         "train.py only: Tensor.norm on a clone when it requires grad"],
             "official_file_sha256": file_hashes}
-    (out / "run_info.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} in {timings['total']} s")
+    orun.write_set(out, {"inputs.pt": inputs, "outputs.pt": outputs, "train_step.pt": train_step}, info)
+    orun.finish(out, work, timings["total"])
 
 
 if __name__ == "__main__":

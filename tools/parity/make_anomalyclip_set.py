@@ -18,127 +18,65 @@ seeds 100, 101, 102). The set goes to ``<out>/anomalyclip``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import runpy
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
+import official_run as orun
 import torch
-import torch.nn.functional as F  # noqa: N812
-from anomalyclip_vand_common import (
-    NARROW,
-    TOKEN_INDEX,
-    UPSAMPLED_INDEX,
-    LegacyImage,
-    clip_cfg,
-    cpu_only_patches,
-    environment,
-    make_images,
-    narrow_clip_state_dict,
-    patched,
-    pkg_resources_stub,
-    sha256,
-    stub_module,
-    torchscript_archive,
-)
+from narrow_clip import clip_cfg, narrow_config, write_narrow_clip
 
 COMMIT = "45ed4dd35c05797d854294b5e8d585c545920089"
 DATASET = "colon"  # a single-class name the official dataset.py knows
 DESIGN = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
 FEATURES = [6, 12, 18, 24]
+NARROW = narrow_config(32, 64, 64)  # width 64 = one head, embed 32 (README section 1)
 HASHED = ["test.py", "train.py", "prompt_ensemble.py", "loss.py", "utils.py", "dataset.py", "metrics.py",
           "AnomalyCLIP_lib/AnomalyCLIP.py", "AnomalyCLIP_lib/model_load.py", "AnomalyCLIP_lib/build_model.py",
           "AnomalyCLIP_lib/transform.py", "AnomalyCLIP_lib/constants.py", "AnomalyCLIP_lib/simple_tokenizer.py"]
 
 
-def write_dataset(root: Path, images: np.ndarray, masks: np.ndarray) -> dict:
-    """The two test images as PNGs plus the official ``meta.json`` (``meta['test'][cls]``)."""
-    from PIL import Image
-
-    entries, image_paths, mask_paths = [], [], []
-    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        anomalous = bool(mask.any())
-        kind = "defect" if anomalous else "good"
-        img_rel = f"{DATASET}/test/{kind}/{index:03d}.png"
-        (root / img_rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(root / img_rel)
-        mask_rel = ""
-        if anomalous:
-            mask_rel = f"{DATASET}/ground_truth/{kind}/{index:03d}_mask.png"
-            (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask, mode="L").save(root / mask_rel)
-        entries.append({"img_path": img_rel, "mask_path": mask_rel, "cls_name": DATASET, "specie_name": kind,
-                        "anomaly": int(anomalous)})
-        image_paths.append(img_rel)
-        mask_paths.append(mask_rel)
-    (root / "meta.json").write_text(json.dumps({"train": {DATASET: []}, "test": {DATASET: entries}}))
-    return {"image_paths": image_paths, "mask_paths": mask_paths}
-
-
 def main() -> None:  # noqa: C901
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help=f"export of the official repository (commit {COMMIT[:7]})")
-    parser.add_argument("--out", type=Path, required=True, help="set root: the files go to <out>/anomalyclip")
-    parser.add_argument("--seed", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    timings: dict[str, float] = {}
-    start = time.time()
-    out = args.out.resolve() / "anomalyclip"
-    out.mkdir(parents=True, exist_ok=True)
+    args = orun.generator_parser(__doc__, "anomalyclip", COMMIT).parse_args()
+    out, timings, start = orun.start_set(args, "anomalyclip")
 
-    work = Path(tempfile.mkdtemp(prefix="anomalyclip_parity_"))
-    src = work / "src"
-    shutil.copytree(args.src, src, ignore=shutil.ignore_patterns("__pycache__", "checkpoints", "assets"))
-    file_hashes = {name: sha256(src / name) for name in HASHED}
+    work, src = orun.work_dir("anomalyclip", args.src, ("__pycache__", "checkpoints", "assets"))
+    file_hashes = {name: orun.sha256(src / name) for name in HASHED}
     data_root = work / "data"
 
     # 1. CLIP, data
-    t0 = time.time()
-    clip_state = narrow_clip_state_dict(args.seed)
-    torch.save(clip_state, out / "clip_state_dict.pt")
-    archive = work / "ViT-L-14-336px.pt"
-    torchscript_archive(clip_state, archive)
-    timings["build_clip_state_dict"] = round(time.time() - t0, 2)
-    images, masks = make_images(np.random.default_rng(args.seed + 2), 2, defect_index=1)
-    paths = write_dataset(data_root, images, masks)
+    with orun.timed(timings, "build_clip_state_dict"):
+        clip_state, archive = write_narrow_clip(args.seed, NARROW, out, work)
+    images, masks = orun.make_images(args.seed + 2, 2)
+    paths = orun.write_single_class_test_set(data_root, images, masks, DATASET)
 
     # 2. run-time patches (README section 7)
     patches: list[str] = []
-    pkg_resources_stub(patches, "provides only .packaging; the installed setuptools ships no pkg_resources")
-    stub_module("thop", patches, "AnomalyCLIP.py:393 imports thop.profile, never used", profile=None)
-    stub_module("tabulate", patches, "only formats the final log table of test.py",
+    orun.pkg_resources_stub(patches, "provides only .packaging; the installed setuptools ships no pkg_resources")
+    orun.stub_module("thop", patches, "AnomalyCLIP.py:393 imports thop.profile, never used", profile=None)
+    orun.stub_module("tabulate", patches, "only formats the final log table of test.py",
                 tabulate=lambda rows, **_: "\n".join(map(str, rows)))
     sys.path.insert(0, str(src))
     import AnomalyCLIP_lib
     import dataset as dataset_module
     import metrics as metrics_module
     import prompt_ensemble
-    import scipy.ndimage
     from AnomalyCLIP_lib import model_load
     from AnomalyCLIP_lib.AnomalyCLIP import AnomalyCLIP
     from loss import BinaryDiceLoss, FocalLoss
 
     model_load._download = lambda _url, cache_dir=None: str(archive)  # noqa: ARG005
     patches.append("AnomalyCLIP_lib.model_load._download -> local TorchScript archive of the narrow random CLIP")
-    dataset_module.Image = LegacyImage(dataset_module.Image)
+    dataset_module.Image = orun.LegacyImage(dataset_module.Image)
     patches.append("dataset.Image -> proxy emulating legacy Pillow Image.fromarray(float64 zeros, mode='L') "
                    "(dataset.py:65)")
     cuda_patch = "train.py only: torch.Tensor.cuda -> identity on a CUDA-less host (train.py:84 label.long().cuda())"
-    cpu_only = cpu_only_patches(patches)
+    cpu_only = orun.cpu_only_patches(patches)
 
     # 3. the prompt learner: official __init__ on the official model, then N(0, 0.02) from seed S + 1
     t0 = time.time()
     with contextlib.redirect_stdout(sys.stderr), contextlib.ExitStack() as stack:
-        for obj, name, make in cpu_only:
-            stack.enter_context(patched(obj, name, make))
+        orun.patch_all(stack, cpu_only)
         model, _ = AnomalyCLIP_lib.load("ViT-L/14@336px", device="cpu", design_details=DESIGN)
         learner = prompt_ensemble.AnomalyCLIP_PromptLearner(model.to("cpu"), DESIGN)
     torch.manual_seed(args.seed + 1)
@@ -164,13 +102,6 @@ def main() -> None:  # noqa: C901
                                               "metrics": {}, "ce": [], "focal": [], "dice": [], "models": [],
                                               "learners": [], "steps": [], "backward": []})
 
-    def wrap_load(orig):
-        def load(*a, **k):
-            result = orig(*a, **k)
-            bucket()["models"].append(result[0])
-            return result
-        return load
-
     def wrap_learner_init(orig):
         def init(self, *a, **k):
             orig(self, *a, **k)  # same RNG use as the official run
@@ -178,21 +109,6 @@ def main() -> None:  # noqa: C901
                 self.load_state_dict(torch.load(learner_path, weights_only=True)["prompt_learner"])
             bucket()["learners"].append(self)
         return init
-
-    def wrap_getitem(orig):
-        def getitem(self, index):
-            item = orig(self, index)
-            bucket()["items"].append((index, item["img"].clone(), item["img_mask"].clone(), int(item["anomaly"])))
-            return item
-        return getitem
-
-    def wrap_encode_image(orig):
-        def encode_image(self, image, *a, **k):
-            pooled, tokens = orig(self, image, *a, **k)
-            if state["phase"] is not None:
-                bucket()["image"].append((pooled.detach().clone(), [t.detach().clone() for t in tokens]))
-            return pooled, tokens
-        return encode_image
 
     def wrap_encode_text_learn(orig):
         def encode_text_learn(self, *a, **k):
@@ -208,113 +124,40 @@ def main() -> None:  # noqa: C901
             return sim, prob_1
         return compute_similarity
 
-    def wrap_similarity_map(orig):
-        def get_similarity_map(sm, shape):
-            result = orig(sm, shape)
-            bucket()["up"].append(result.detach()[:, UPSAMPLED_INDEX][:, :, UPSAMPLED_INDEX].clone())
-            return result
-        return get_similarity_map
-
-    def wrap_gaussian(orig):
-        def gaussian_filter(array, *a, **k):
-            result = orig(array, *a, **k)
-            bucket()["gauss"].append((np.array(array, copy=True), np.array(result, copy=True), dict(k)))
-            return result
-        return gaussian_filter
-
-    def wrap_metric(orig):
-        def metric(results, obj, name):
-            value = orig(results, obj, name)
-            bucket()["metrics"][name] = float(value)
-            bucket()["results"] = results[obj]
-            return value
-        return metric
-
-    def wrap_cross_entropy(orig):
-        def cross_entropy(logits, target, *a, **k):
-            value = orig(logits, target, *a, **k)
-            bucket()["ce"].append((logits.detach().clone(), target.clone(), value.detach().clone()))
-            return value
-        return cross_entropy
-
-    def wrap_loss(key):
-        def make(orig):
-            def forward(self, *a, **k):
-                value = orig(self, *a, **k)
-                bucket()[key].append(value.detach().clone())
-                return value
-            return forward
-        return make
-
-    def wrap_backward(orig):
-        def backward(self, *a, **k):
-            if state["phase"] and state["phase"].startswith("train"):
-                bucket()["backward"].append(self.detach().clone())
-            return orig(self, *a, **k)
-        return backward
-
-    def wrap_step(orig):
-        def step(self, *a, **k):
-            learner = bucket()["learners"][-1]
-            names = {id(p): n for n, p in learner.named_parameters()}
-            params = [p for group in self.param_groups for p in group["params"]]
-            grads = {names[id(p)]: p.grad.detach().clone() for p in params if p.grad is not None}
-            without = [names[id(p)] for p in params if p.grad is None]
-            result = orig(self, *a, **k)
-            after = {names[id(p)]: p.detach().clone() for p in params}
-            bucket()["steps"].append((grads, without, after))
-            return result
-        return step
+    observe = orun.bucket_observers(bucket, state)
 
     def cuda_identity(orig):
         return lambda self, *a, **k: self if not torch.cuda.is_available() else orig(self, *a, **k)
 
     common = [
         *cpu_only,
-        (AnomalyCLIP_lib, "load", wrap_load),
+        (AnomalyCLIP_lib, "load", observe["load"]),
         (prompt_ensemble.AnomalyCLIP_PromptLearner, "__init__", wrap_learner_init),
-        (dataset_module.Dataset, "__getitem__", wrap_getitem),
-        (AnomalyCLIP, "encode_image", wrap_encode_image),
+        (dataset_module.Dataset, "__getitem__", observe["getitem"]),
+        (AnomalyCLIP, "encode_image", observe["encode_image"]),
         (AnomalyCLIP, "encode_text_learn", wrap_encode_text_learn),
         (AnomalyCLIP_lib, "compute_similarity", wrap_similarity),
-        (AnomalyCLIP_lib, "get_similarity_map", wrap_similarity_map),
-        (scipy.ndimage, "gaussian_filter", wrap_gaussian),
-        (metrics_module, "image_level_metrics", wrap_metric),
-        (metrics_module, "pixel_level_metrics", wrap_metric),
-        (F, "cross_entropy", wrap_cross_entropy),
-        (FocalLoss, "forward", wrap_loss("focal")),
-        (BinaryDiceLoss, "forward", wrap_loss("dice")),
-        (torch.Tensor, "backward", wrap_backward),
-        (torch.optim.Adam, "step", wrap_step),
+        (AnomalyCLIP_lib, "get_similarity_map", observe["similarity_map"]),
+        *orun.lineage_loss_patches(observe, metrics_module, FocalLoss, BinaryDiceLoss),
     ]
     runs = {"test": ("test.py", []), "test24": ("test.py", ["--features_list", "24"]),
             "train": ("train.py", ["--epoch", "1", "--batch_size", "2"]),
             "train24": ("train.py", ["--epoch", "1", "--batch_size", "2", "--features_list", "24"])}
-    log = (work / "official_stdout.txt").open("w")
-    with contextlib.ExitStack() as stack:
-        for obj, name, make in common:
-            stack.enter_context(patched(obj, name, make))
-        stack.enter_context(contextlib.redirect_stdout(log))
+    with orun.observed(common, work / "official_stdout.txt"):
         for phase, (script, extra) in runs.items():
             t0 = time.time()
             state["phase"] = phase
             save = work / "save" / phase
-            if script == "test.py":
-                argv = ["--dataset", DATASET, "--data_path", str(data_root), "--save_path", str(save),
-                        "--checkpoint_path", str(learner_path)]
-            else:
-                argv = ["--dataset", DATASET, "--train_data_path", str(data_root), "--save_path", str(save)]
-            sys.argv = [script, *argv, *extra]
+            argv = orun.lineage_argv(script, DATASET, data_root, save, learner_path)
             with contextlib.ExitStack() as inner:
                 if script == "train.py":
-                    inner.enter_context(patched(torch.Tensor, "cuda", cuda_identity))
-                runpy.run_path(str(src / script), run_name="__main__")
+                    inner.enter_context(orun.patched(torch.Tensor, "cuda", cuda_identity))
+                orun.run_main(src / script, [*argv, *extra])
             bucket()["save"] = save
             name = {"test": "official_test_py", "test24": "official_test_py_features_list_24",
                     "train": "official_train_py_1_step", "train24": "official_train_py_1_step_features_list_24"}[phase]
             timings[name] = round(time.time() - t0, 2)
         state["phase"] = None
-    log.close()
     patches.append(cuda_patch)
 
     # 5. the set
@@ -323,33 +166,11 @@ def main() -> None:  # noqa: C901
     if n_images != 2 or len(test["image"]) != 2:
         raise SystemExit(f"expected 2 test images, got {n_images}")
     model = test["models"][0]
-    tok, up = TOKEN_INDEX, UPSAMPLED_INDEX
-    n_layers = len(FEATURES)
-    with torch.no_grad():  # the same images as one batch of 2 (meta only)
-        batch = torch.cat([item[1][None] for item in test["items"]])
-        pooled2, tokens2 = model.encode_image(batch, FEATURES, DPAM_layer=20)
-    pooled1 = torch.cat([p for p, _ in test["image"]])
-    tokens1 = [torch.cat([t[layer] for _, t in test["image"]]) for layer in range(n_layers)]
-    inputs = {
-        "raw_images_uint8": torch.from_numpy(images), "raw_masks_uint8": torch.from_numpy(masks),
-        "labels": torch.tensor([item[3] for item in test["items"]]),
-        "images": torch.stack([item[1] for item in test["items"]]),
-        "gt_masks": torch.stack([(item[2] > 0.5).to(torch.uint8) for item in test["items"]]),
-        "meta": {"defect_box_raw": (96, 160, 64, 144), "data_seed": args.seed + 2, "raw_size": 256,
-                 "dataset_name": DATASET, **paths},
-    }
-
-    def sim_per_layer(b: dict, index: int) -> torch.Tensor:  # [L, B, ...]: calls are image-major
-        layers = len(b["sim"]) // n_images
-        return torch.stack([torch.cat([b["sim"][i * layers + layer][index] for i in range(n_images)])
-                            for layer in range(layers)])
-
-    def up_per_layer(b: dict) -> torch.Tensor:
-        layers = len(b["up"]) // n_images
-        return torch.stack([torch.cat([b["up"][i * layers + layer] for i in range(n_images)]) for layer in range(layers)])
-
-    def scores(b: dict) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(s) for s in b["results"]["pr_sp"]])
+    tok, up = orun.TOKEN_INDEX, orun.UPSAMPLED_INDEX
+    inputs, single = orun.lineage_test_images(test, model, FEATURES, images, masks, {
+        "defect_box_raw": (96, 160, 64, 144), "data_seed": args.seed + 2, "raw_size": 256,
+        "dataset_name": DATASET, **paths})
+    pooled1, tokens1 = single["pooled1"], single["tokens1"]
 
     gauss = test["gauss"]
     test24 = rec["test24"]
@@ -357,19 +178,19 @@ def main() -> None:  # noqa: C901
         "text_features_unnormalized": test["text"][0],
         "text_features": test["sim"][0][2][None],
         "image_features_unnormalized": pooled1,
-        "image_scores": scores(test),
+        "image_scores": orun.image_scores(test),
         "patch_token_index": tok,
         "patch_features_unnormalized_sub": torch.stack([t[:, tok] for t in tokens1]),
-        "similarity": sim_per_layer(test, 0),
-        "similarity_cls_prob_1": sim_per_layer(test, 1),
+        "similarity": orun.per_layer(test["sim"], n_images, 0),
+        "similarity_cls_prob_1": orun.per_layer(test["sim"], n_images, 1),
         "upsampled_sub_index": up,
-        "similarity_map_upsampled_sub": up_per_layer(test),
+        "similarity_map_upsampled_sub": orun.per_layer(test["up"], n_images),
         "anomaly_map": torch.stack([torch.from_numpy(g[0]) for g in gauss]),
         "anomaly_map_gaussian": torch.stack([torch.from_numpy(g[1]) for g in gauss]),
         "visual_positional_embedding_interpolated_sub": model.visual.positional_embedding.detach()[tok].clone(),
         "metrics": dict(test["metrics"]),
         "variant_features_list_24": {
-            "image_scores": scores(test24),
+            "image_scores": orun.image_scores(test24),
             "anomaly_map_sub": torch.stack([torch.from_numpy(g[0]) for g in test24["gauss"]])[:, up][:, :, up],
             "anomaly_map_gaussian_sub": torch.stack([torch.from_numpy(g[1]) for g in test24["gauss"]])[:, up][:, :, up],
             "metrics": dict(test24["metrics"]),
@@ -382,12 +203,10 @@ def main() -> None:  # noqa: C901
             "depth": 9, "n_ctx": 12, "t_n_ctx": 4, "DPAM_layer": 20, "seed": 111, "temperature": 0.07,
             "gaussian_filter_kwargs": gauss[0][2],
             "vision_block_attention_types": [type(b.attn).__name__ for b in model.visual.transformer.resblocks],
-            "batch2_vs_batch1_maxabsdiff": {
-                "image_features": (pooled2 - pooled1).abs().max().item(),
-                "patch_features": max((a - b).abs().max().item() for a, b in zip(tokens2, tokens1, strict=True))},
-            "clip_cfg": clip_cfg(args.seed), "prompt_seed": args.seed + 1, "prompt_std": 0.02,
+            "batch2_vs_batch1_maxabsdiff": single["batch_vs_single"],
+            "clip_cfg": clip_cfg(NARROW, args.seed), "prompt_seed": args.seed + 1, "prompt_std": 0.02,
             "randomised_prompt_parameters": randomised, "upsampled_stride": 9, "token_stride": 8,
-            "env": environment(), "patches": patches[:-1], "generator": "tools/parity/make_anomalyclip_set.py",
+            "env": orun.environment(), "patches": patches[:-1], "generator": "tools/parity/make_anomalyclip_set.py",
             "model_config": NARROW,
         },
     }
@@ -433,16 +252,12 @@ def main() -> None:  # noqa: C901
                             "labels[batch_order], gt_masks[batch_order]",
         "patches": patches, "official_commit": COMMIT,
     }
-    torch.save(inputs, out / "inputs.pt")
-    torch.save(outputs, out / "outputs.pt")
-    torch.save(train_step, out / "train_step.pt")
     timings["total"] = round(time.time() - start, 2)
     info = {"timings_s": timings, "seed": args.seed, "generator": "tools/parity/make_anomalyclip_set.py",
             "patches": patches, "src": "export of the official repository at the commit above",
-            "official_commit": COMMIT, "official_file_sha256": file_hashes, "env": environment()}
-    (out / "run_info.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} in {timings['total']} s")
+            "official_commit": COMMIT, "official_file_sha256": file_hashes, "env": orun.environment()}
+    orun.write_set(out, {"inputs.pt": inputs, "outputs.pt": outputs, "train_step.pt": train_step}, info, indent=2)
+    orun.finish(out, work, timings["total"])
 
 
 if __name__ == "__main__":

@@ -27,10 +27,7 @@ import importlib
 import io
 import json
 import os
-import runpy
-import shutil
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -39,25 +36,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from narrow_clip import (
-    DEFECTS,
-    LegacyImage,
-    make_images,
-    narrow_clip_state_dict,
-    pack_bits,
-    patched,
-    sha256,
-    torchscript_archive,
-)
+import official_run as orun
+from narrow_clip import clip_cfg, narrow_config, write_narrow_clip
 
 COMMIT = "8f155a07e734913e021c33c469f16a1f75c60e5d"
 VISION_WIDTH, TEXT_WIDTH, EMBED = 96, 64, 64
-MODEL_CONFIG = {"embed_dim": EMBED, "vision_cfg": {"image_size": 336, "layers": 24, "width": VISION_WIDTH,
-                                                   "patch_size": 14},
-                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 1,
-                             "layers": 12}}
-MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073))
-STD = torch.tensor((0.26862954, 0.26130258, 0.27577711))
+MODEL_CONFIG = narrow_config(EMBED, VISION_WIDTH, TEXT_WIDTH)
+MEAN, STD = torch.tensor(orun.CLIP_MEAN), torch.tensor(orun.CLIP_STD)
 OFFICIAL_FILES = ["test.py", "train.py", "datasets.py", "loss.py", "models/VPB.py", "models/PFL.py", "models/flows.py",
                   "models/model_CLIP.py", "models/transformer.py", "models/utils.py", "models/simple_tokenizer.py",
                   "models/evaluate.py", "models/metric_and_visualization.py", "models/EMA.py",
@@ -65,7 +50,7 @@ OFFICIAL_FILES = ["test.py", "train.py", "datasets.py", "loss.py", "models/VPB.p
 TEST_SET = [("metal_nut", 0), ("metal_nut", 1)]  # mvtec, (class, raw image)
 TRAIN_SET = [("pcb1", 2), ("candle", 0)]  # visa
 PARAM_NOISE = 0.02
-UP_INDEX = torch.cat([torch.arange(0, 518, 9), torch.tensor([517])])
+UP_INDEX = orun.UPSAMPLED_INDEX
 PATCHES = [
     "stub module pkg_resources (models/model_CLIP.py uses only pkg_resources.packaging.version)",
     ("stub module imgaug (datasets.py builds imgaug augmenters in MyDataset.__init__ for the DRAEM-style anomaly "
@@ -127,7 +112,7 @@ def write_data(root: Path, images: np.ndarray, masks: np.ndarray) -> None:
     for dataset, entries in (("mvtec", TEST_SET), ("visa", TRAIN_SET)):
         meta: dict[str, list] = {}
         for name, raw in entries:
-            anomalous = DEFECTS[raw] is not None
+            anomalous = orun.DEFECTS[raw] is not None
             kind = "bad" if anomalous else "good"
             img_rel = f"{dataset}/{name}/test/{kind}/{raw:03d}.png"
             (root / img_rel).parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +171,7 @@ def train_step_outputs(rec: dict) -> dict:
         "class_names": [it[3] for it in train_items],
         "anomaly": torch.tensor([it[4] for it in train_items]),
         "images_uint8": encode(torch.stack([it[1] for it in train_items])),
-        "masks_packed": pack_bits(gt.reshape(gt.shape[0], 1, *gt.shape[1:])),
+        "masks_packed": orun.pack_bits(gt.reshape(gt.shape[0], 1, *gt.shape[1:])),
         "image_features": encode_train[0],
         "patch_tokens_sub": [t[:, tok8] for t in encode_train[1]],
         "mc_eps": train_eps[:3],
@@ -214,36 +199,22 @@ def train_step_outputs(rec: dict) -> dict:
 
 
 def main() -> None:  # noqa: C901
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help=f"export of the official repository ({COMMIT[:7]})")
-    parser.add_argument("--out", type=Path, required=True, help="set root: the files go to <out>/bayes_pfl")
-    parser.add_argument("--seed", type=int, default=100)
+    parser = orun.generator_parser(__doc__, "bayes_pfl", COMMIT)
     parser.add_argument("--run-seed", type=int, default=None, help="official --seed (default 111 + seed)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--test-only", action="store_true",
                         help="run test.py only (no train_step.pt / checkpoint_after_step.pth): e.g. to sample the "
                              "Monte-Carlo spread with several --run-seed values")
     args = parser.parse_args()
     run_seed = 111 + args.seed if args.run_seed is None else args.run_seed
-    torch.set_num_threads(args.threads)
-    timings: dict[str, float] = {}
-    start = time.time()
-    out = (args.out / "bayes_pfl").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bayes_pfl_parity_"))
-    src = work / "src"
-    shutil.copytree(args.src, src)
-    file_hashes = {name: sha256(src / name) for name in OFFICIAL_FILES}
+    out, timings, start = orun.start_set(args, "bayes_pfl")
+    work, src = orun.work_dir("bayes_pfl", args.src)
+    file_hashes = {name: orun.sha256(src / name) for name in OFFICIAL_FILES}
 
-    t0 = time.time()
-    clip_state = narrow_clip_state_dict(args.seed, VISION_WIDTH, TEXT_WIDTH, EMBED)
-    torch.save(clip_state, out / "clip_state_dict.pt")
-    archive = work / "ViT-L-14-336px.pt"
-    torchscript_archive(clip_state, archive)
-    config_path = out / "model_config.json"
-    config_path.write_text(json.dumps(MODEL_CONFIG, indent=2))
-    timings["build_clip"] = round(time.time() - t0, 2)
-    images, masks = make_images(args.seed + 2, 3)
+    with orun.timed(timings, "build_clip"):
+        _, archive = write_narrow_clip(args.seed, MODEL_CONFIG, out, work)
+        config_path = out / "model_config.json"
+        config_path.write_text(json.dumps(MODEL_CONFIG, indent=2))
+    images, masks = orun.make_images(args.seed + 2, 3)
     data_root = work / "data"
     write_data(data_root, images, masks)
 
@@ -258,7 +229,7 @@ def main() -> None:  # noqa: C901
     pfl_module = importlib.import_module("models.PFL")
     vpb_module = importlib.import_module("models.VPB")
 
-    datasets_module.Image = LegacyImage(datasets_module.Image)
+    datasets_module.Image = orun.LegacyImage(datasets_module.Image)
     official_prompting = vpb_module.Context_Prompting
 
     # 1. the learnable parameters (official init, then p += 0.02 randn_like(p) in named_parameters order)
@@ -476,26 +447,23 @@ def main() -> None:  # noqa: C901
     paths = ["--config_path", str(config_path), "--pretrained_path", str(archive)]
     after_step = None
     with contextlib.ExitStack() as stack:
-        for obj, name, make in wrappers:
-            stack.enter_context(patched(obj, name, make))
+        orun.patch_all(stack, wrappers)
         sink = io.StringIO()
         stack.enter_context(contextlib.redirect_stdout(sink))
         stack.enter_context(contextlib.redirect_stderr(sink))
         # 3. official test.py, then train.py up to its first validation
         t0 = time.time()
         state["phase"] = "test"
-        sys.argv = ["test.py", "--data_path", str(data_root), "--save_path", "results_parity", *paths,
-                    "--checkpoint_path", str(checkpoint_path), "--seed", str(run_seed)]
-        runpy.run_path(str(src / "test.py"), run_name="__main__")
+        orun.run_main(src / "test.py", ["--data_path", str(data_root), "--save_path", "results_parity", *paths,
+                                   "--checkpoint_path", str(checkpoint_path), "--seed", str(run_seed)])
         timings["official_test_py"] = round(time.time() - t0, 2)
         if not args.test_only:
             t0 = time.time()
             state["phase"] = "train"
-            sys.argv = ["train.py", "--train_data_path", str(data_root), "--val_data_path", str(data_root),
-                        "--save_path", "train_parity", *paths, "--epochs", "1", "--batch_size", "2",
-                        "--seed", str(run_seed)]
             try:
-                runpy.run_path(str(src / "train.py"), run_name="__main__")
+                orun.run_main(src / "train.py", ["--train_data_path", str(data_root), "--val_data_path", str(data_root),
+                                            "--save_path", "train_parity", *paths, "--epochs", "1", "--batch_size",
+                                            "2", "--seed", str(run_seed)])
             except StopAfterStep:
                 after_step = {"MyModel": {k: v.detach().clone() for k, v in state["model"].state_dict().items()}}
             timings["official_train_py_1_step"] = round(time.time() - t0, 2)
@@ -526,11 +494,12 @@ def main() -> None:  # noqa: C901
         raise SystemExit("stored test images do not decode to the official model input")
     inputs = {
         "raw_images_uint8": torch.from_numpy(images), "raw_masks_uint8": torch.from_numpy(masks),
-        "raw_labels": torch.tensor([int(d is not None) for d in DEFECTS[:3]]),
+        "raw_labels": torch.tensor([int(d is not None) for d in orun.DEFECTS[:3]]),
         "test_set": TEST_SET, "train_set": TRAIN_SET, "test_images_resized_uint8": resized,
-        "test_masks_packed": pack_bits(torch.stack(results["imgs_masks"])),
+        "test_masks_packed": orun.pack_bits(torch.stack(results["imgs_masks"])),
         "test_labels": torch.tensor(results["gt_sp"]),
-        "meta": {"data_seed": args.seed + 2, "defects": DEFECTS[:3], "test_dataset": "mvtec", "train_dataset": "visa"},
+        "meta": {"data_seed": args.seed + 2, "defects": orun.DEFECTS[:3], "test_dataset": "mvtec",
+                 "train_dataset": "visa"},
     }
     outputs = {
         "image_features": torch.cat([e[0] for e in encoded]), "patch_token_index": tok16,
@@ -564,9 +533,7 @@ def main() -> None:  # noqa: C901
                          "option default (mvtec, image_size 518, features 6 12 18 24, prompt_num 3, ctx 5, state 5, "
                          "sample_num 10, num_flows 10)",
             "run_seed": run_seed,
-            "clip_cfg": {"vision_width": VISION_WIDTH, "vision_layers": 24, "vision_patch_size": 14, "vision_grid": 24,
-                         "text_width": TEXT_WIDTH, "text_layers": 12, "embed_dim": EMBED, "context_length": 77,
-                         "vocab_size": 49408, "seed": args.seed, "storage_dtype": "float16"},
+            "clip_cfg": clip_cfg(MODEL_CONFIG, args.seed),
             "model_config_json": MODEL_CONFIG, "param_seed": args.seed + 1, "param_noise_std": PARAM_NOISE,
             "perturbed": perturbed,
             "env": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
@@ -574,18 +541,15 @@ def main() -> None:  # noqa: C901
             "patches": PATCHES, "generator": "tools/parity/make_bayes_pfl_set.py",
         },
     }
-    torch.save(inputs, out / "inputs.pt")
-    torch.save(outputs, out / "outputs.pt")
+    files = {"inputs.pt": inputs, "outputs.pt": outputs}
     if not args.test_only:
-        torch.save(train_step_outputs(rec), out / "train_step.pt")
+        files["train_step.pt"] = train_step_outputs(rec)
     timings["total"] = round(time.time() - start, 2)
     info = {"timings_s": timings, "patches": PATCHES, "official_commit": COMMIT, "official_file_sha256": file_hashes,
             "env": outputs["meta"]["env"], "seed": args.seed, "run_seed": run_seed,
             "generator": "tools/parity/make_bayes_pfl_set.py"}
-    (out / "run_info.json").write_text(json.dumps(info, indent=1))
-    os.chdir(Path(__file__).resolve().parent)
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} in {timings['total']} s", file=sys.__stdout__)
+    orun.write_set(out, files, info)
+    orun.finish(out, work, timings["total"])
 
 
 if __name__ == "__main__":

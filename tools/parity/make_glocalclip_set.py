@@ -20,39 +20,19 @@ the images from ``numpy.random.default_rng(S + 2)`` and the variant prompt learn
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import runpy
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+import official_run as orun
 import torch
-import torch.nn.functional as F  # noqa: N812
-from anomalyclip_vand_common import (
-    TOKEN_INDEX,
-    UPSAMPLED_INDEX,
-    LegacyImage,
-    clip_cfg,
-    cpu_only_patches,
-    environment,
-    make_images,
-    narrow_clip_state_dict,
-    patched,
-    pkg_resources_stub,
-    sha256,
-    stub_module,
-    torchscript_archive,
-    write_single_class_test_set,
-)
+from narrow_clip import clip_cfg, narrow_config, write_narrow_clip
 
 COMMIT = "b58563ab29a4f0b4a69ef8091611358f9f8a86ed"
 DATASET, CLS_NAME = "colondb", "colon"  # dataset.py maps 'colondb' to the class list ['colon']
 FEATURES = [6, 12, 18, 24]
+NARROW = narrow_config(32, 64, 64)  # the AnomalyCLIP set's CLIP: width 64 = one head, embed 32
 DEFAULT = {"n_ctx": 12, "ab_ctx": 12, "depth": 9, "t_n_ctx": 4}
 VARIANT = {"n_ctx": 12, "ab_ctx": 13, "depth": 10, "t_n_ctx": 2}  # train.sh, "train on MVTec"
 VARIANT_SIGMA, VARIANT_ALPHA, MARGIN = 8, 0.1, 2.0
@@ -73,55 +53,40 @@ def option_argv(opts: dict) -> list[str]:
 
 
 def main() -> None:  # noqa: C901
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help=f"export of the official repository (commit {COMMIT[:7]})")
-    parser.add_argument("--out", type=Path, required=True, help="set root: the files go to <out>/glocalclip")
-    parser.add_argument("--seed", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    timings: dict[str, float] = {}
-    start = time.time()
-    out = args.out.resolve() / "glocalclip"
-    out.mkdir(parents=True, exist_ok=True)
+    args = orun.generator_parser(__doc__, "glocalclip", COMMIT).parse_args()
+    out, timings, start = orun.start_set(args, "glocalclip")
 
-    work = Path(tempfile.mkdtemp(prefix="glocalclip_parity_"))
-    src = work / "src"
-    shutil.copytree(args.src, src, ignore=shutil.ignore_patterns("__pycache__", "asset", "generate_dataset_json"))
-    file_hashes = {name: sha256(src / name) for name in HASHED}
+    work, src = orun.work_dir("glocalclip", args.src, ("__pycache__", "asset", "generate_dataset_json"))
+    file_hashes = {name: orun.sha256(src / name) for name in HASHED}
     data_root = work / "data"
 
     # 1. CLIP, data
-    t0 = time.time()
-    clip_state = narrow_clip_state_dict(args.seed)
-    torch.save(clip_state, out / "clip_state_dict.pt")
-    archive = work / "ViT-L-14-336px.pt"
-    torchscript_archive(clip_state, archive)
-    timings["build_clip_state_dict"] = round(time.time() - t0, 2)
-    images, masks = make_images(np.random.default_rng(args.seed + 2), 2, defect_index=1)
-    paths = write_single_class_test_set(data_root, images, masks, CLS_NAME)
+    with orun.timed(timings, "build_clip_state_dict"):
+        clip_state, archive = write_narrow_clip(args.seed, NARROW, out, work)
+    images, masks = orun.make_images(args.seed + 2, 2)
+    paths = orun.write_single_class_test_set(data_root, images, masks, CLS_NAME)
 
     # 2. run-time patches (README section 8)
     patches: list[str] = []
-    pkg_resources_stub(patches, "provides only .packaging; the installed setuptools ships no pkg_resources")
-    stub_module("thop", patches, "GlocalCLIP_lib/GlocalCLIP.py:392 imports thop.profile, never used", profile=None)
-    stub_module("seaborn", patches, "visualization.py:9 imports it; the visualizer() that test.py calls never uses it")
+    orun.pkg_resources_stub(patches, "provides only .packaging; the installed setuptools ships no pkg_resources")
+    orun.stub_module("thop", patches, "GlocalCLIP_lib/GlocalCLIP.py:392 imports thop.profile, never used", profile=None)
+    orun.stub_module("seaborn", patches,
+                     "visualization.py:9 imports it; the visualizer() that test.py calls never uses it")
     sys.path.insert(0, str(src))
     import dataset as dataset_module
     import glocal_prompt_generator
     import GlocalCLIP_lib
     import metrics as metrics_module
-    import scipy.ndimage
     from GlocalCLIP_lib import model_load
     from GlocalCLIP_lib.GlocalCLIP import GlocalCLIP, Transformer
     from loss import BinaryDiceLoss, FocalLoss
 
     model_load._download = lambda _url, cache_dir=None: str(archive)  # noqa: ARG005
     patches.append("GlocalCLIP_lib.model_load._download -> local TorchScript archive of the narrow random CLIP")
-    dataset_module.Image = LegacyImage(dataset_module.Image)
+    dataset_module.Image = orun.LegacyImage(dataset_module.Image)
     patches.append("dataset.Image -> proxy emulating legacy Pillow Image.fromarray(float64 zeros, mode='L') "
                    "(dataset.py:86)")
-    cpu_only = cpu_only_patches(patches)
+    cpu_only = orun.cpu_only_patches(patches)
 
     # 3. the prompt learners: official __init__ on the official model, then N(0, 0.02) from seed S + 1 / S + 3
     t0 = time.time()
@@ -129,8 +94,7 @@ def main() -> None:  # noqa: C901
     randomised: dict[str, list[str]] = {}
     for run, opts, seed in (("default", DEFAULT, args.seed + 1), ("variant", VARIANT, args.seed + 3)):
         with contextlib.redirect_stdout(sys.stderr), contextlib.ExitStack() as stack:
-            for obj, name, make in cpu_only:
-                stack.enter_context(patched(obj, name, make))
+            orun.patch_all(stack, cpu_only)
             model, _ = GlocalCLIP_lib.load("ViT-L/14@336px", device="cpu", design_details=design(opts))
             learner = glocal_prompt_generator.GlocalCLIP_PromptLearner(model.to("cpu"), design(opts))
         torch.manual_seed(seed)
@@ -156,13 +120,6 @@ def main() -> None:  # noqa: C901
                                               "models": [], "learners": [], "steps": [], "backward": [],
                                               "aliased": []})
 
-    def wrap_load(orig):
-        def load(*a, **k):
-            result = orig(*a, **k)
-            bucket()["models"].append(result[0])
-            return result
-        return load
-
     def wrap_learner_init(orig):
         def init(self, *a, **k):
             orig(self, *a, **k)  # same RNG use as the official run
@@ -171,21 +128,6 @@ def main() -> None:  # noqa: C901
                 self.load_state_dict(torch.load(learner_paths[run], weights_only=True)["prompt_learner"])
             bucket()["learners"].append(self)
         return init
-
-    def wrap_getitem(orig):
-        def getitem(self, index):
-            item = orig(self, index)
-            bucket()["items"].append((index, item["img"].clone(), item["img_mask"].clone(), int(item["anomaly"])))
-            return item
-        return getitem
-
-    def wrap_encode_image(orig):
-        def encode_image(self, image, *a, **k):
-            pooled, tokens = orig(self, image, *a, **k)
-            if state["phase"] is not None:
-                bucket()["image"].append((pooled.detach().clone(), [t.detach().clone() for t in tokens]))
-            return pooled, tokens
-        return encode_image
 
     def wrap_transformer_forward(orig):
         def forward(self, *a, **k):
@@ -210,43 +152,7 @@ def main() -> None:  # noqa: C901
             return sim, raw
         return compute_similarity
 
-    def wrap_similarity_map(orig):
-        def get_similarity_map(sm, shape):
-            result = orig(sm, shape)
-            bucket()["up"].append(result.detach()[:, UPSAMPLED_INDEX][:, :, UPSAMPLED_INDEX].clone())
-            return result
-        return get_similarity_map
-
-    def wrap_gaussian(orig):
-        def gaussian_filter(array, *a, **k):
-            result = orig(array, *a, **k)
-            bucket()["gauss"].append((np.array(array, copy=True), np.array(result, copy=True), dict(k)))
-            return result
-        return gaussian_filter
-
-    def wrap_metric(orig):
-        def metric(results, obj, name):
-            value = orig(results, obj, name)
-            bucket()["metrics"][name] = float(value)
-            bucket()["results"] = results[obj]
-            return value
-        return metric
-
-    def wrap_cross_entropy(orig):
-        def cross_entropy(logits, target, *a, **k):
-            value = orig(logits, target, *a, **k)
-            bucket()["ce"].append((logits.detach().clone(), target.clone(), value.detach().clone()))
-            return value
-        return cross_entropy
-
-    def wrap_loss(key):
-        def make(orig):
-            def forward(self, *a, **k):
-                value = orig(self, *a, **k)
-                bucket()[key].append(value.detach().clone())
-                return value
-            return forward
-        return make
+    observe = orun.bucket_observers(bucket, state)
 
     def wrap_triplet(orig):
         def forward(self, anchor, positive, negative):
@@ -258,45 +164,18 @@ def main() -> None:  # noqa: C901
             return value
         return forward
 
-    def wrap_backward(orig):
-        def backward(self, *a, **k):
-            if state["phase"] and state["phase"].startswith("train"):
-                bucket()["backward"].append(self.detach().clone())
-            return orig(self, *a, **k)
-        return backward
-
-    def wrap_step(orig):
-        def step(self, *a, **k):
-            learner = bucket()["learners"][-1]
-            names = {id(p): n for n, p in learner.named_parameters()}
-            params = [p for group in self.param_groups for p in group["params"]]
-            grads = {names[id(p)]: p.grad.detach().clone() for p in params if p.grad is not None}
-            without = [names[id(p)] for p in params if p.grad is None]
-            result = orig(self, *a, **k)
-            after = {names[id(p)]: p.detach().clone() for p in params}
-            bucket()["steps"].append((grads, without, after))
-            return result
-        return step
-
     common = [
         *cpu_only,
-        (GlocalCLIP_lib, "load", wrap_load),
+        (GlocalCLIP_lib, "load", observe["load"]),
         (glocal_prompt_generator.GlocalCLIP_PromptLearner, "__init__", wrap_learner_init),
-        (dataset_module.Dataset, "__getitem__", wrap_getitem),
-        (GlocalCLIP, "encode_image", wrap_encode_image),
+        (dataset_module.Dataset, "__getitem__", observe["getitem"]),
+        (GlocalCLIP, "encode_image", observe["encode_image"]),
         (GlocalCLIP, "encode_text_learn", wrap_encode_text_learn),
         (Transformer, "forward", wrap_transformer_forward),
         (GlocalCLIP_lib, "compute_similarity", wrap_similarity),
-        (GlocalCLIP_lib, "get_similarity_map", wrap_similarity_map),
-        (scipy.ndimage, "gaussian_filter", wrap_gaussian),
-        (metrics_module, "image_level_metrics", wrap_metric),
-        (metrics_module, "pixel_level_metrics", wrap_metric),
-        (F, "cross_entropy", wrap_cross_entropy),
-        (FocalLoss, "forward", wrap_loss("focal")),
-        (BinaryDiceLoss, "forward", wrap_loss("dice")),
+        (GlocalCLIP_lib, "get_similarity_map", observe["similarity_map"]),
         (glocal_prompt_generator.TripletLoss, "forward", wrap_triplet),
-        (torch.Tensor, "backward", wrap_backward),
-        (torch.optim.Adam, "step", wrap_step),
+        *orun.lineage_loss_patches(observe, metrics_module, FocalLoss, BinaryDiceLoss),
     ]
     train_base = ["--epoch", "1", "--batch_size", "2"]
     runs = {"test": ("test.py", [], "default", "official_test_py"),
@@ -307,26 +186,16 @@ def main() -> None:  # noqa: C901
                               "variant", "official_train_py_1_step_variant"),
             "train_margin": ("train.py", [*train_base, "--margin", str(MARGIN)], "default",
                              "official_train_py_1_step_margin")}
-    log = (work / "official_stdout.txt").open("w")
-    with contextlib.ExitStack() as stack:
-        for obj, name, make in common:
-            stack.enter_context(patched(obj, name, make))
-        stack.enter_context(contextlib.redirect_stdout(log))
+    with orun.observed(common, work / "official_stdout.txt"):
         for phase, (script, extra, prompts, timing) in runs.items():
             t0 = time.time()
             state["phase"] = phase
             save = work / "save" / phase
-            if script == "test.py":
-                argv = ["--dataset", DATASET, "--data_path", str(data_root), "--save_path", str(save),
-                        "--checkpoint_path", str(learner_paths[prompts])]
-            else:
-                argv = ["--dataset", DATASET, "--train_data_path", str(data_root), "--save_path", str(save)]
-            sys.argv = [script, *argv, *extra]
-            runpy.run_path(str(src / script), run_name="__main__")
+            argv = orun.lineage_argv(script, DATASET, data_root, save, learner_paths[prompts])
+            orun.run_main(src / script, [*argv, *extra])
             bucket()["save"] = save
             timings[timing] = round(time.time() - t0, 2)
         state["phase"] = None
-    log.close()
 
     # 5. the set
     test = rec["test"]
@@ -334,21 +203,12 @@ def main() -> None:  # noqa: C901
     if n_images != 2 or len(test["image"]) != 2:
         raise SystemExit(f"expected 2 test images, got {n_images}")
     model = test["models"][0]
-    tok, up = TOKEN_INDEX, UPSAMPLED_INDEX
+    tok, up = orun.TOKEN_INDEX, orun.UPSAMPLED_INDEX
     n_layers = len(FEATURES)
-    with torch.no_grad():  # the same images as one batch of 2 (meta only)
-        batch = torch.cat([item[1][None] for item in test["items"]])
-        pooled2, tokens2 = model.encode_image(batch, FEATURES, DPAM_layer=20)
-    pooled1 = torch.cat([p for p, _ in test["image"]])
-    tokens1 = [torch.cat([t[layer] for _, t in test["image"]]) for layer in range(n_layers)]
-    inputs = {
-        "raw_images_uint8": torch.from_numpy(images), "raw_masks_uint8": torch.from_numpy(masks),
-        "labels": torch.tensor([item[3] for item in test["items"]]),
-        "images": torch.stack([item[1] for item in test["items"]]),
-        "gt_masks": torch.stack([(item[2] > 0.5).to(torch.uint8) for item in test["items"]]),
-        "meta": {"defect_box_raw": (96, 160, 64, 144), "data_seed": args.seed + 2, "raw_size": 256,
-                 "dataset_name": DATASET, "cls_name": CLS_NAME, **paths},
-    }
+    inputs, single = orun.lineage_test_images(test, model, FEATURES, images, masks, {
+        "defect_box_raw": (96, 160, 64, 144), "data_seed": args.seed + 2, "raw_size": 256,
+        "dataset_name": DATASET, "cls_name": CLS_NAME, **paths})
+    pooled1, tokens1 = single["pooled1"], single["tokens1"]
 
     def text_record(b: dict) -> dict:
         """test.py:72-81: the prompts, the text features and their normalised [1, 4, E] stack (replayed)."""
@@ -360,18 +220,6 @@ def main() -> None:  # noqa: C901
         return {"tokenized_prompts": tokenized, "prompt_embeddings": prompts, "text_features_unnormalized": result,
                 "text_features": text}
 
-    def sim_per_layer(b: dict) -> torch.Tensor:  # [L, B, ...]: calls are image-major
-        layers = len(b["sim"]) // n_images
-        return torch.stack([torch.cat([b["sim"][i * layers + layer][0] for i in range(n_images)])
-                            for layer in range(layers)])
-
-    def up_per_layer(b: dict) -> torch.Tensor:
-        layers = len(b["up"]) // n_images
-        return torch.stack([torch.cat([b["up"][i * layers + layer] for i in range(n_images)]) for layer in range(layers)])
-
-    def scores(b: dict) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(s) for s in b["results"]["pr_sp"]])
-
     def gauss_maps(b: dict, index: int) -> torch.Tensor:
         return torch.stack([torch.from_numpy(np.asarray(g[index])) for g in b["gauss"]])
 
@@ -380,12 +228,12 @@ def main() -> None:  # noqa: C901
     outputs = {
         **text_record(test),
         "image_features_unnormalized": pooled1,
-        "image_scores": scores(test),
+        "image_scores": orun.image_scores(test),
         "patch_token_index": tok,
         "patch_features_unnormalized_sub": torch.stack([t[:, tok] for t in tokens1]),
-        "similarity": sim_per_layer(test),
+        "similarity": orun.per_layer(test["sim"], n_images, 0),
         "upsampled_sub_index": up,
-        "similarity_map_upsampled_sub": up_per_layer(test),
+        "similarity_map_upsampled_sub": orun.per_layer(test["up"], n_images),
         "anomaly_map_sub": gauss_maps(test, 0)[:, up][:, :, up],
         "anomaly_map_gaussian": gauss_maps(test, 1),
         "visual_positional_embedding_interpolated_sub": model.visual.positional_embedding.detach()[tok].clone(),
@@ -393,8 +241,8 @@ def main() -> None:  # noqa: C901
         "variant": {
             "options": {**VARIANT, "sigma": VARIANT_SIGMA},
             **text_record(variant),
-            "image_scores": scores(variant),
-            "similarity": sim_per_layer(variant),
+            "image_scores": orun.image_scores(variant),
+            "similarity": orun.per_layer(variant["sim"], n_images, 0),
             "anomaly_map_sub": gauss_maps(variant, 0)[:, up][:, :, up],
             "anomaly_map_gaussian_sub": gauss_maps(variant, 1)[:, up][:, :, up],
             "metrics": dict(variant["metrics"]),
@@ -411,13 +259,11 @@ def main() -> None:  # noqa: C901
             "vision_block_attention_types": [type(b.attn).__name__ for b in model.visual.transformer.resblocks],
             "patch_feature_layers_identical": identical,
             "collected_vv_tokens_are_one_tensor": bool(test["aliased"]) and all(test["aliased"]),
-            "batch2_vs_batch1_maxabsdiff": {
-                "image_features": (pooled2 - pooled1).abs().max().item(),
-                "patch_features": max((a - b).abs().max().item() for a, b in zip(tokens2, tokens1, strict=True))},
-            "clip_cfg": clip_cfg(args.seed), "prompt_seed": args.seed + 1, "variant_prompt_seed": args.seed + 3,
+            "batch2_vs_batch1_maxabsdiff": single["batch_vs_single"],
+            "clip_cfg": clip_cfg(NARROW, args.seed), "prompt_seed": args.seed + 1, "variant_prompt_seed": args.seed + 3,
             "prompt_std": 0.02, "randomised_prompt_parameters": randomised["default"],
             "randomised_prompt_parameters_variant": randomised["variant"], "upsampled_stride": 9, "token_stride": 8,
-            "env": environment(("sklearn", "skimage", "cv2")), "patches": patches,
+            "env": orun.environment(("sklearn", "skimage", "cv2")), "patches": patches,
         },
     }
 
@@ -471,17 +317,13 @@ def main() -> None:  # noqa: C901
                             "labels[batch_order], gt_masks[batch_order]",
         "patches": patches, "official_commit": COMMIT,
     }
-    torch.save(inputs, out / "inputs.pt")
-    torch.save(outputs, out / "outputs.pt")
-    torch.save(train_step, out / "train_step.pt")
     timings["total"] = round(time.time() - start, 2)
     info = {"timings_s": timings, "seed": args.seed, "generator": "tools/parity/make_glocalclip_set.py",
             "patches": patches, "src": "export of the official repository at the commit above",
             "official_commit": COMMIT, "official_file_sha256": file_hashes,
-            "env": environment(("sklearn", "skimage", "cv2"))}
-    (out / "run_info.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} in {timings['total']} s")
+            "env": orun.environment(("sklearn", "skimage", "cv2"))}
+    orun.write_set(out, {"inputs.pt": inputs, "outputs.pt": outputs, "train_step.pt": train_step}, info, indent=2)
+    orun.finish(out, work, timings["total"])
 
 
 if __name__ == "__main__":

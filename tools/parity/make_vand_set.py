@@ -19,97 +19,36 @@ Run it in a fresh interpreter: the official ``open_clip`` package shadows the in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import runpy
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import official_run as orun
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalyclip_vand_common import (
-    NARROW,
-    TOKEN_INDEX,
-    UPSAMPLED_INDEX,
-    LegacyImage,
-    clip_cfg,
-    cpu_only_patches,
-    environment,
-    make_images,
-    narrow_clip_state_dict,
-    patched,
-    pkg_resources_stub,
-    sha256,
-    torchscript_archive,
-)
+from narrow_clip import clip_cfg, narrow_config, write_narrow_clip
 
 COMMIT = "f13b8a634e04f9fde8fa03db125b25af5695d8e1"
 CLASS = "candle"
 FEATURES = [6, 12, 18, 24]
 BANK_STRIDE = 32
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NARROW = narrow_config(32, 64, 64)  # the AnomalyCLIP set's CLIP: width 64 = one head, embed 32
 HASHED = ["test.py", "train.py", "model.py", "few_shot.py", "prompt_ensemble.py", "dataset.py", "loss.py",
           "test_zero_shot.sh", "test_few_shot.sh", "train.sh"]
 
 
-def write_visa(root: Path, test_images: np.ndarray, test_masks: np.ndarray, pool: np.ndarray) -> dict:
-    """PNGs plus the official VisA ``meta.json``: ``{"train": {cls: pool}, "test": {cls: test}}``."""
-    from PIL import Image
-
-    def entry(rel: str, mask_rel: str, anomalous: bool) -> dict:
-        return {"img_path": rel, "mask_path": mask_rel, "cls_name": CLASS, "specie_name": "bad" if anomalous else "good",
-                "anomaly": int(anomalous)}
-
-    test, train, test_paths, train_paths = [], [], [], []
-    for index, (image, mask) in enumerate(zip(test_images, test_masks, strict=True)):
-        anomalous = bool(mask.any())
-        kind = "defect" if anomalous else "good"
-        rel = f"{CLASS}/test/{kind}/{index:03d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(root / rel)
-        mask_rel = ""
-        if anomalous:
-            mask_rel = f"{CLASS}/ground_truth/{kind}/{index:03d}_mask.png"
-            (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask, mode="L").save(root / mask_rel)
-        test.append(entry(rel, mask_rel, anomalous))
-        test_paths.append(rel)
-    for index, image in enumerate(pool):
-        rel = f"{CLASS}/train/good/{index:03d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(root / rel)
-        train.append(entry(rel, "", False))
-        train_paths.append(rel)
-    (root / "meta.json").write_text(json.dumps({"train": {CLASS: train}, "test": {CLASS: test}}))
-    return {"test_image_paths": test_paths, "train_image_paths": train_paths}
-
-
 def main() -> None:  # noqa: C901
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, required=True, help=f"export of the official repository (commit {COMMIT[:7]})")
-    parser.add_argument("--out", type=Path, required=True, help="set root: the files go to <out>/vand")
-    parser.add_argument("--seed", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = orun.generator_parser(__doc__, "vand", COMMIT).parse_args()
     if "open_clip" in sys.modules:
         raise SystemExit("the installed open_clip is already imported; run this script in a fresh interpreter")
-    timings: dict[str, float] = {}
-    start = time.time()
-    out = args.out.resolve() / "vand"
-    out.mkdir(parents=True, exist_ok=True)
+    out, timings, start = orun.start_set(args, "vand")
 
-    work = Path(tempfile.mkdtemp(prefix="vand_parity_"))
-    src = work / "src"
-    shutil.copytree(args.src, src, ignore=shutil.ignore_patterns("__pycache__", "exps", "illustration"))
-    file_hashes = {name: sha256(src / name) for name in HASHED}
-    file_hashes |= {str(p.relative_to(src)): sha256(p) for p in sorted((src / "open_clip").rglob("*"))
+    work, src = orun.work_dir("vand", args.src, ("__pycache__", "exps", "illustration"))
+    file_hashes = {name: orun.sha256(src / name) for name in HASHED}
+    file_hashes |= {str(p.relative_to(src)): orun.sha256(p) for p in sorted((src / "open_clip").rglob("*"))
                     if p.is_file() and (p.parent.name == "open_clip" or p.name == "ViT-L-14-336.json")}
     data_root = work / "data"
     config_path = work / "model_configs" / "ViT-L-14-336.json"
@@ -117,20 +56,16 @@ def main() -> None:  # noqa: C901
     config_path.write_text(json.dumps(NARROW))
 
     # 1. CLIP, data
-    t0 = time.time()
-    clip_state = narrow_clip_state_dict(args.seed)
-    torch.save(clip_state, out / "clip_state_dict.pt")
-    archive = work / "ViT-L-14-336px.pt"
-    torchscript_archive(clip_state, archive)
-    timings["build_clip"] = round(time.time() - t0, 2)
+    with orun.timed(timings, "build_clip"):
+        _, archive = write_narrow_clip(args.seed, NARROW, out, work)
     rng = np.random.default_rng(args.seed + 2)
-    images, masks = make_images(rng, 2, defect_index=1)
-    pool, _ = make_images(rng, 2, defect_index=None)
-    paths = write_visa(data_root, images, masks, pool)
+    images, masks = orun.make_images(rng, 2)
+    pool, _ = orun.make_images(rng, 2, defects=False)
+    paths = orun.write_single_class_test_set(data_root, images, masks, CLASS, bad="bad", train=pool)
 
     # 2. run-time patches (README section 7)
     patches: list[str] = []
-    pkg_resources_stub(patches, "prompt_ensemble.py:3 imports pkg_resources.packaging, never used; the installed "
+    orun.pkg_resources_stub(patches, "prompt_ensemble.py:3 imports pkg_resources.packaging, never used; the installed "
                        "setuptools ships no pkg_resources")
     sys.path.insert(0, str(src))
     import dataset as dataset_module
@@ -154,10 +89,10 @@ def main() -> None:  # noqa: C901
     openai_module.download_pretrained_from_url = lambda _url, cache_dir=None: str(archive)  # noqa: ARG005
     patches.append("open_clip.openai.download_pretrained_from_url -> local TorchScript archive of the narrow random "
                    "CLIP")
-    dataset_module.Image = LegacyImage(dataset_module.Image)
+    dataset_module.Image = orun.LegacyImage(dataset_module.Image)
     patches.append("dataset.Image -> proxy emulating legacy Pillow Image.fromarray(float64 zeros, mode='L') "
                    "(dataset.py:50, normal images)")
-    cpu_only = cpu_only_patches(patches)
+    cpu_only = orun.cpu_only_patches(patches)
 
     def to_cuda_identity(orig):
         def to(self, *a, **k):
@@ -288,28 +223,11 @@ def main() -> None:  # noqa: C901
             bucket()["layers"].append(self)
         return init
 
-    def wrap_backward(orig):
-        def backward(self, *a, **k):
-            if state["phase"] and state["phase"].startswith("train"):
-                bucket()["backward"].append(self.detach().clone())
-            return orig(self, *a, **k)
-        return backward
+    def layer_names() -> dict:
+        return {id(p): n for n, p in bucket()["layers"][-1].named_parameters()}
 
-    def wrap_step(orig):
-        def step(self, *a, **k):
-            layer = bucket()["layers"][-1]
-            names = {id(p): n for n, p in layer.named_parameters()}
-            params = [p for group in self.param_groups for p in group["params"]]
-            grads = {names[id(p)]: p.grad.detach().clone() for p in params if p.grad is not None}
-            result = orig(self, *a, **k)
-            bucket()["steps"].append((grads, {names[id(p)]: p.detach().clone() for p in params}))
-            return result
-        return step
-
-    def norm_on_clone(orig):
-        def norm(self, *a, **k):
-            return orig(self.clone() if self.requires_grad else self, *a, **k)
-        return norm
+    wrap_step = orun.optimizer_step(layer_names,
+                                    lambda _opt, grads, _without, after: bucket()["steps"].append((grads, after)))
 
     common = [
         *cpu_only,
@@ -327,7 +245,7 @@ def main() -> None:  # noqa: C901
         (FocalLoss, "forward", wrap_loss("focal")),
         (BinaryDiceLoss, "forward", wrap_loss("dice")),
         (model_module.LinearLayer, "__init__", wrap_linear_init),
-        (torch.Tensor, "backward", wrap_backward),
+        (torch.Tensor, "backward", orun.bucket_observers(bucket, state)["backward"]),
         (torch.optim.Adam, "step", wrap_step),
     ]
     common_argv = ["--config_path", str(config_path), "--model", "ViT-L-14-336", "--features_list", "6", "12", "18",
@@ -343,26 +261,20 @@ def main() -> None:  # noqa: C901
         "train_b1": ("train.py", ["--dataset", "visa", "--train_data_path", str(data_root), *common_argv,
                                   "--batch_size", "1", "--print_freq", "1", "--epoch", "1", "--save_freq", "1"]),
     }
-    log = (work / "official_stdout.txt").open("w")
-    with contextlib.ExitStack() as stack:
-        for obj, name, make in common:
-            stack.enter_context(patched(obj, name, make))
-        stack.enter_context(contextlib.redirect_stdout(log))
+    with orun.observed(common, work / "official_stdout.txt"):
         for phase, (script, argv) in runs.items():
             t0 = time.time()
             state["phase"] = phase
             save = work / "save" / phase
-            sys.argv = [script, *argv, "--save_path", str(save)]
             with contextlib.ExitStack() as inner:
                 if script == "train.py":
-                    inner.enter_context(patched(torch.Tensor, "norm", norm_on_clone))
-                runpy.run_path(str(src / script), run_name="__main__")
+                    inner.enter_context(orun.patched(torch.Tensor, "norm", orun.norm_on_clone))
+                orun.run_main(src / script, [*argv, "--save_path", str(save)])
             bucket()["save"] = save
             timings[{"zero_shot": "official_test_py_zero_shot", "few_shot": "official_test_py_few_shot",
                      "train": "official_train_py_1_step", "train_b1": "official_train_py_batch_size_1"}[phase]] = round(
                 time.time() - t0, 2)
         state["phase"] = None
-    log.close()
     patches.append(norm_patch)
 
     # 5. the set
@@ -370,12 +282,12 @@ def main() -> None:  # noqa: C901
     n_images, n_layers = len(zero["image"]), len(FEATURES)
     if n_images != 2:
         raise SystemExit(f"expected 2 test images, got {n_images}")
-    tok, up = TOKEN_INDEX, UPSAMPLED_INDEX
+    tok, up = orun.TOKEN_INDEX, orun.UPSAMPLED_INDEX
     clip, _, preprocess = zero["models"][0]
     items = [it for it in zero["items"] if not it[0]]
     pooled1 = torch.cat([p for p, _ in zero["image"]])
     tokens1 = [torch.cat([t[layer] for _, t in zero["image"]]) for layer in range(n_layers)]
-    with torch.no_grad(), patched(torch.Tensor, "to", to_cuda_identity):  # one batch of 2 (meta only)
+    with torch.no_grad(), orun.patched(torch.Tensor, "to", to_cuda_identity):  # one batch of 2 (meta only)
         pooled2, tokens2 = clip.encode_image(torch.stack([it[3] for it in items]), FEATURES)
 
     # zero-shot maps: the logits interpolated per image and layer, image-major
@@ -409,8 +321,8 @@ def main() -> None:  # noqa: C901
         image = Image.open(data_root / pool_paths[pool_id])
         pil = preprocess.transforms[1](preprocess.transforms[0](image)).convert("RGB")
         u8 = torch.from_numpy(np.array(pil))
-        as_float = ((u8.permute(2, 0, 1).float() / 255) - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(
-            CLIP_STD)[:, None, None]
+        as_float = ((u8.permute(2, 0, 1).float() / 255) - torch.tensor(orun.CLIP_MEAN)[:, None, None]) / torch.tensor(
+            orun.CLIP_STD)[:, None, None]
         fed = next(it[3] for it in draws if pool_paths.index(it[2]) == pool_id)
         if not torch.equal(as_float, fed):
             raise SystemExit("the memory image is not the PIL-resized uint8 image, bitwise")
@@ -481,10 +393,10 @@ def main() -> None:  # noqa: C901
             "batch2_vs_batch1_maxabsdiff": {
                 "pooled": (pooled2 - pooled1).abs().max().item(),
                 "tokens": max((a - b).abs().max().item() for a, b in zip(tokens2, tokens1, strict=True))},
-            "clip_cfg": clip_cfg(args.seed), "linear_seed": args.seed + 1,
+            "clip_cfg": clip_cfg(NARROW, args.seed), "linear_seed": args.seed + 1,
             "linear_init": "weight ~ N(0, 64^-0.5), bias ~ N(0, 0.02)",
             "upsampled_stride": 9, "token_stride": 8, "bank_stride": BANK_STRIDE,
-            "env": environment(("sklearn", "cv2", "skimage")), "patches": patches[:-1],
+            "env": orun.environment(("sklearn", "cv2", "skimage")), "patches": patches[:-1],
             "generator": "tools/parity/make_vand_set.py",
         },
     }
@@ -528,16 +440,12 @@ def main() -> None:  # noqa: C901
         "batch_order_note": "DataLoader(shuffle=True) after setup_seed(111): the batch is inputs.images[batch_order], "
                             "gt_masks[batch_order]",
         "patches": patches, "official_commit": COMMIT}
-    torch.save(inputs, out / "inputs.pt")
-    torch.save(outputs, out / "outputs.pt")
-    torch.save(train_step, out / "train_step.pt")
     timings["total"] = round(time.time() - start, 2)
     info = {"timings_s": timings, "seed": args.seed, "generator": "tools/parity/make_vand_set.py", "patches": patches,
             "src": "export of the official repository at the commit above", "official_commit": COMMIT,
-            "official_file_sha256": file_hashes, "env": environment(("sklearn", "cv2", "skimage"))}
-    (out / "run_info.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} in {timings['total']} s")
+            "official_file_sha256": file_hashes, "env": orun.environment(("sklearn", "cv2", "skimage"))}
+    orun.write_set(out, {"inputs.pt": inputs, "outputs.pt": outputs, "train_step.pt": train_step}, info, indent=2)
+    orun.finish(out, work, timings["total"])
 
 
 if __name__ == "__main__":
