@@ -209,7 +209,8 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
             official_code.write_openai_archive(model.model.clip, work / official_code.OPENAI_ARCHIVE)
             config = official_code.RUNNERS[args.model][1](model, work)
             (work / "official.json").write_text(json.dumps(
-                {"image_size": args.image_size, "open_clip_name": args.backbone, **config,
+                {"image_size": args.image_size, **config,  # AdaCLIP's loader wants 'ViT' in the name
+                 "open_clip_name": args.backbone if "ViT" in args.backbone else f"ViT-{args.backbone}",
                  "architecture": EXTRA_ARCHITECTURES.get(args.backbone)}))
         torch.save(model.model.state_dict(), work / "model.pt")
     if {"openvino", "openvino-int8"} & set(args.backends):

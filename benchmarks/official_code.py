@@ -146,4 +146,194 @@ def export_vand(model, work: Path) -> dict:
     return {"feature_layers": list(model.model.feature_layers), "class_name": model.model.class_name}
 
 
-RUNNERS: dict[str, tuple[Callable, Callable]] = {"Vand": (vand, export_vand)}
+def aa_clip(src: Path, work: Path) -> OfficialCall:
+    """AA-CLIP ``test.py`` (``get_predictions``): ``AdaptedCLIP(clip)(image)`` gives the segmentation
+    tokens and the detection token; score ``(det @ text)[:, 1] + 1) / 2``; map: per level
+    ``calculate_similarity_map(..., test=True, domain="Industrial")`` (kornia blur 7 / 1 on the patch
+    grid, bilinear upsampling), summed. Text: ``get_adapted_single_class_text_embedding`` of our class
+    (``"object"`` is the official code's own class-agnostic name)."""
+    stub_modules()
+    sys.path.insert(0, str(src))
+    with contextlib.chdir(src):  # the official modules may read files relative to the repository root
+        import forward_utils
+        import model.clip as clip_module
+        from model.adapter import AdaptedCLIP
+    config = json.loads((work / "official.json").read_text())
+    clip_module._MODEL_CKPT_PATHS[config["open_clip_name"]] = str(work / OPENAI_ARCHIVE)
+    clip = clip_module.create_model(model_name=config["open_clip_name"], img_size=config["image_size"],
+                                    device="cpu", pretrained="openai", require_pretrained=True).eval()
+    model = AdaptedCLIP(clip_model=clip, relu=False).eval()
+    model.text_adapter.load_state_dict(torch.load(work / "text_adapter.pth", weights_only=True)["text_adapter"])
+    model.image_adapter.load_state_dict(torch.load(work / "image_adapter_1.pth", weights_only=True)["image_adapter"])
+    size, name = config["image_size"], config["class_name"]
+    with torch.no_grad():
+        text = forward_utils.get_adapted_single_class_text_embedding(model, "MVTec", name, "cpu")
+
+    def call(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            patch_features, det_feature = model(image)
+            pred = det_feature @ text
+            score = (pred[:, 1] + 1) / 2
+            maps = [forward_utils.calculate_similarity_map(f, text, size, test=True, domain="Industrial")
+                    for f in patch_features]
+            return score, torch.cat(maps, dim=1).sum(1)
+
+    return call
+
+
+def export_aa_clip(model, work: Path) -> dict:
+    """Our adapters under the official file names and keys (``train.py`` saves these two files)."""
+    inner = model.model
+    torch.save({"epoch": 1, "text_adapter": inner.text_adapter.state_dict()}, work / "text_adapter.pth")
+    torch.save({"epoch": 1, "image_adapter": inner.image_adapter.state_dict()}, work / "image_adapter_1.pth")
+    return {"class_name": inner.class_name}
+
+
+def adaclip(src: Path, work: Path) -> OfficialCall:
+    """AdaCLIP ``test.py`` (``AdaCLIP_Trainer.evaluation``): ``clip_model(image, cls_name, aggregation=True)``
+    gives the map and the score; each map then goes through scipy's ``gaussian_filter(sigma=4)``. The
+    trainer is built with test.py's defaults (prompting depth 4, length 5, ``SD``/``VL``, HSF with 20
+    clusters), which are also ours. The official HSF clusters with sklearn's ``KMeans(n_init="auto")``
+    without a seed: its image score changes from run to run, ours is a seeded k-means (the maps do
+    not depend on it)."""
+    import numpy as np
+
+    stub_modules()
+    for name in ("seaborn",):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    board = types.ModuleType("torch.utils.tensorboard")  # imported by the official tools; training only
+
+    class SummaryWriter:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def add_scalar(self, *args, **kwargs) -> None:
+            pass
+
+    board.SummaryWriter = SummaryWriter
+    sys.modules.setdefault("torch.utils.tensorboard", board)
+    vocab = src / "method" / "bpe_simple_vocab_16e6.txt.gz"
+    if vocab.stat().st_size < 1000:  # a Git LFS pointer in the repository: CLIP's vocabulary is open_clip's
+        import shutil
+
+        import open_clip
+
+        shutil.copyfile(Path(open_clip.__file__).parent / vocab.name, vocab)
+        for module in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+            del sys.modules[module]
+    sys.path.insert(0, str(src))
+    with contextlib.chdir(src):
+        from method import custom_clip
+        from method.trainer import AdaCLIP_Trainer
+    from scipy.ndimage import gaussian_filter
+
+    config = json.loads((work / "official.json").read_text())
+    custom_clip.get_pretrained_cfg = lambda _name, _tag: {"url": "local"}  # also for the small test architectures
+    custom_clip.download_pretrained = lambda _cfg, cache_dir=None: str(work / OPENAI_ARCHIVE)  # noqa: ARG005
+    if config.get("architecture"):
+        (work / f"{config['open_clip_name']}.json").write_text(json.dumps(config["architecture"]))
+        custom_clip.add_model_config(work / f"{config['open_clip_name']}.json")
+    with contextlib.chdir(src), cuda_to_identity():
+        trainer = AdaCLIP_Trainer(backbone=config["open_clip_name"], feat_list=config["feature_layers"],
+                                  input_dim=config["vision_width"], output_dim=config["embed_dim"], learning_rate=0.0,
+                                  device="cpu", image_size=config["image_size"], **config["hyper"])
+    trainer.load(str(work / "official-weights.pt"))
+    trainer.eval()
+    name = config["class_name"]
+
+    def call(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), cuda_to_identity():
+            anomaly_map, anomaly_score = trainer.clip_model(image, [name] * image.shape[0], aggregation=True)
+            maps = np.stack([gaussian_filter(m, sigma=4) for m in anomaly_map.cpu().numpy()])
+            return anomaly_score.float(), torch.from_numpy(maps)
+
+    return call
+
+
+def export_adaclip(model, work: Path) -> dict:
+    """Our learnt tensors as ``AdaCLIP_Trainer.save()`` writes them, and the settings the trainer needs."""
+    from anomalib_zsad.models.adaclip.checkpoint import official_state_dict
+
+    inner = model.model
+    torch.save(official_state_dict(inner), work / "official-weights.pt")
+    hyper = {"prompting_depth": inner.prompt_depth, "prompting_length": inner.prompt_length,
+             "prompting_branch": ("V" if inner.visual_prompts_on else "") + ("L" if inner.text_prompts_on else ""),
+             "prompting_type": ("S" if inner.text_prompter is not None or inner.visual_prompter is not None else "")
+             + ("D" if inner.dynamic_visual_prompt_generator is not None
+                or inner.dynamic_text_prompt_generator is not None else ""),
+             "use_hsf": inner.hsf is not None, "k_clusters": inner.hsf.k_clusters if inner.hsf is not None else 20}
+    return {"class_name": inner.class_name, "feature_layers": list(inner.feature_layers), "hyper": hyper,
+            "vision_width": inner.clip.visual.conv1.out_channels, "embed_dim": inner.clip.visual.proj.shape[1]}
+
+
+def bayes_pfl(src: Path, work: Path) -> OfficialCall:
+    """Bayes-PFL ``test.py``, per image as it runs (batch 1): ``Load_CLIP``'s ``encode_image``,
+    ``Context_Prompting.forward_ensemble`` (prompt bank x Monte-Carlo samples of the flows), the model's
+    maps and scores averaged over the ``prompt_num * sample_num`` draws; the map through scipy's
+    ``gaussian_filter(sigma=8)`` as ``calcuate_metric_pixel`` applies it. The score returned is the mean
+    anomalous probability (the official final score min-max normalises over the whole test set).
+    Both sides draw their own Monte-Carlo samples, so outputs agree only within the sampling spread."""
+    import argparse
+
+    import numpy as np
+
+    stub_modules()
+    sys.path.insert(0, str(src))
+    with contextlib.chdir(src):
+        from models.model_CLIP import Load_CLIP, tokenize
+        from models.VPB import Context_Prompting, TextEncoder
+    from scipy.ndimage import gaussian_filter
+
+    config = json.loads((work / "official.json").read_text())
+    args = argparse.Namespace(**config["args"], image_size=config["image_size"])
+    clip, _, _ = Load_CLIP(args.image_size, str(work / OPENAI_ARCHIVE), device="cpu")
+    clip.eval()
+    text_encoder = TextEncoder(clip, args)
+    model = Context_Prompting(args=args).eval()
+    model.load_state_dict(torch.load(work / "official-weights.pt", map_location="cpu")["MyModel"], strict=True)
+    draws = args.prompt_num * args.sample_num
+    name = config["class_name"]
+
+    def one(image: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        image_features, _, patch_tokens = clip.encode_image(image, args.features_list)
+        text, _ = model.forward_ensemble(text_encoder, image_features, patch_tokens, [name], "cpu", tokenize,
+                                         mode="test")
+        pro_img, maps_list = model(text, image_features, patch_tokens, stage=2, mode="test")
+        pro_img = pro_img.squeeze(2)
+        score = 0
+        for i in range(draws):
+            score = score + torch.cat([pro_img[:, i].unsqueeze(0), pro_img[:, i + draws].unsqueeze(0)],
+                                      dim=1).softmax(dim=-1)[0, 1]
+        maps = []
+        for anomaly_map in maps_list:
+            for i in range(draws):
+                pair = torch.stack([anomaly_map[:, i], anomaly_map[:, i + draws]], dim=1).softmax(dim=1)
+                maps.append(pair[:, 1].cpu().numpy())
+        return score / draws, gaussian_filter(np.mean(maps, axis=0)[0], sigma=8)
+
+    def call(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            outs = [one(image[None]) for image in images]
+        return torch.stack([s for s, _ in outs]), torch.from_numpy(np.stack([m for _, m in outs]))
+
+    return call
+
+
+def export_bayes_pfl(model, work: Path) -> dict:
+    """Our prompt distributions etc. as the official ``{"MyModel": ...}`` checkpoint, and test.py's arguments."""
+    from anomalib_zsad.models.bayes_pfl import save_official_checkpoint
+
+    inner = model.model
+    save_official_checkpoint(inner, work / "official-weights.pt")
+    arch = inner.clip.arch
+    args = {"vision_width": arch.vision_width, "text_width": arch.text_width, "embed_dim": arch.embed_dim,
+            "prompt_num": inner.prompt_num, "prompt_context_len": inner.context_length,
+            "prompt_state_len": inner.state_length, "num_flows": inner.PFL_context.num_flows,
+            "sample_num": inner.num_samples,
+            "features_list": list(inner.feature_layers)}
+    return {"class_name": inner.class_name, "args": args}
+
+
+RUNNERS: dict[str, tuple[Callable, Callable]] = {"Vand": (vand, export_vand), "AACLIP": (aa_clip, export_aa_clip),
+                                                 "AdaCLIP": (adaclip, export_adaclip),
+                                                 "BayesPFL": (bayes_pfl, export_bayes_pfl)}
