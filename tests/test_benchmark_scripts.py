@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -85,3 +86,69 @@ def test_gpu_check_says_when_cuda_is_missing(capsys: pytest.CaptureFixture) -> N
         pytest.skip("this machine has CUDA: the missing-device message cannot be seen here")
     assert load_script("gpu_check.py").main(["--models", "Vand"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+# ---- latency.py --official-src: the pieces that run without the official code ----------------------------
+# The official code cannot be part of the tests (it is fetched and exported by hand), so these check what
+# our side gives it: the CLIP in OpenAI's layout and each model's learnt weights in the official format,
+# read back by our own importers into a fresh model.
+
+
+def _tiny(name: str):
+    import anomalib_zsad.models
+
+    return getattr(anomalib_zsad.models, name)(backbone="zsad-tiny", pretrained=None, image_size=64).eval()
+
+
+def test_official_clip_archive_holds_our_clip_in_openai_layout(tmp_path: Path) -> None:
+    import torch
+
+    official_code = load_script("official_code.py")
+    model = _tiny("Vand")
+    clip = model.model.clip
+    official_code.round_to_fp16(clip)
+    assert all(torch.equal(p, p.half().float()) for p in clip.parameters())  # the loaders' fp16 round trip is exact
+    official_code.write_openai_archive(clip, tmp_path / "clip.pt")
+    archive = torch.jit.load(str(tmp_path / "clip.pt")).state_dict()
+    ours = clip.state_dict()
+    assert {"token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight",
+            "visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"} <= set(archive)
+    assert not any(key.startswith("text.") for key in archive)  # OpenAI's names: no tower prefix for text
+    back = {(key if key.startswith(("visual.", "logit_scale")) else f"text.{key}"): value
+            for key, value in archive.items()}
+    assert set(back) == set(ours)
+    assert all(torch.equal(back[key], ours[key]) for key in ours)
+
+
+@pytest.mark.parametrize("name", ["Vand", "AACLIP", "AdaCLIP", "BayesPFL"])
+def test_official_weight_export_reads_back_into_a_fresh_model(name: str, tmp_path: Path) -> None:
+    """What latency.py hands the official code is what the model holds: our importer of the official
+    format gives a second (differently initialised) model the same learnt tensors."""
+    import torch
+
+    official_code = load_script("official_code.py")
+    source, target = _tiny(name), _tiny(name)
+    with torch.no_grad():  # make the learnt tensors differ from any initialisation
+        for key, value in source.model.named_parameters():
+            if not key.startswith("clip."):
+                value.add_(0.01 * torch.randn_like(value))
+    config = official_code.RUNNERS[name][1](source, tmp_path)
+    assert json.loads(json.dumps(config)) == config  # goes into official.json
+    if name == "AACLIP":
+        from anomalib_zsad.models.aa_clip import load_official_checkpoint
+
+        load_official_checkpoint(target.model, tmp_path / "text_adapter.pth", tmp_path / "image_adapter_1.pth")
+    else:
+        module = __import__(f"anomalib_zsad.models.{ {'Vand': 'vand', 'AdaCLIP': 'adaclip', 'BayesPFL': 'bayes_pfl'}[name] }",
+                            fromlist=["load_official_checkpoint"])
+        module.load_official_checkpoint(target.model, tmp_path / "official-weights.pt")
+    learnt = {k: v for k, v in source.model.named_parameters() if not k.startswith("clip.")}
+    loaded = dict(target.model.named_parameters())
+    assert learnt and all(torch.equal(value, loaded[key]) for key, value in learnt.items())
+    if name == "AdaCLIP":  # test.py's defaults, which the official trainer is built with
+        assert config["hyper"] == {"prompting_depth": 4, "prompting_length": 5, "prompting_branch": "VL",
+                                   "prompting_type": "SD", "use_hsf": True, "k_clusters": 20}
+    if name == "BayesPFL":
+        assert config["args"] | {"features_list": None} == {
+            "vision_width": 64, "text_width": 64, "embed_dim": 32, "prompt_num": 3, "prompt_context_len": 5,
+            "prompt_state_len": 5, "num_flows": 10, "sample_num": 10, "features_list": None}
