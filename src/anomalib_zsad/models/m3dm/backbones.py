@@ -48,7 +48,7 @@ def is_vit_name(backbone: Any) -> bool:  # noqa: ANN401
     if not isinstance(backbone, str) or not backbone:
         return False
     name = timm_name(backbone)
-    return timm.is_model(name.split(".")[0]) and name.split(".")[0].startswith(("vit_", "deit"))
+    return timm.is_model(name.split(".")[0]) and name.split(".")[0].startswith(("vit_", "deit", "test_vit"))
 
 
 def patch_size_of(backbone: str) -> int | None:

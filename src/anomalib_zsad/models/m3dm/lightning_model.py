@@ -150,6 +150,14 @@ class M3DM(PluginModuleMixin, AnomalibModule):
         ImageNet normalisation, as the official loader."""
         return imagenet_pre_processor(image_size or 224, InterpolationMode.BICUBIC)
 
+    @classmethod
+    def configure_visualizer(cls) -> Any:  # noqa: ANN401
+        """The plugin's visualizer with the depth (the cloud's z channel) as one more panel
+        (:mod:`.visualizer`): anomalib draws no ``depth_map``."""
+        from .visualizer import DepthVisualizer
+
+        return DepthVisualizer()
+
     @staticmethod
     def configure_optimizers() -> None:
         """Nothing is optimised: the memory banks and SVMs are fitted at the end of the epoch."""
@@ -312,14 +320,35 @@ class M3DM(PluginModuleMixin, AnomalibModule):
         outputs = self.model(batch.image, self.clouds_of(batch))
         return batch.update(**outputs._asdict())
 
-    def to_onnx(self, *args, **kwargs) -> Any:  # noqa: ANN401
-        msg = ("M3DM is not exported through anomalib's single-image exporters: it takes an RGB image and its point "
-               "cloud, and its farthest point sampling and foreground selection depend on the cloud (no static "
-               "graph). Use the torch model (M3DMModel) or a Lightning checkpoint; see docs/models/m3dm.md.")
-        raise NotImplementedError(msg)
+    def forward(self, batch: torch.Tensor, clouds: torch.Tensor | None = None, *args, **kwargs) -> Any:  # noqa: ANN401
+        """anomalib's pipeline (pre-processor, model, post-processor) on images ``[B, 3, H, W]`` in
+        [0, 1] and their organized clouds ``[B, 3, h, w]``: what the torch export runs."""
+        del args, kwargs
+        if clouds is None:
+            msg = ("M3DM takes an image and its organized point cloud: model(image, clouds). anomalib's "
+                   "TorchInferencer passes images only; use anomalib_zsad.models.m3dm.M3DMInferencer.")
+            raise PointCloudsMissingError(msg)
+        images = self.pre_processor(batch) if self.pre_processor else batch
+        outputs = self.model(images, clouds)
+        return self.post_processor(outputs) if self.post_processor else outputs
 
-    def to_torch(self, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.to_onnx(*args, **kwargs)
+    def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
+                input_size: tuple[int, int] | None = None, **kwargs) -> Path:
+        """The scoring graph (inputs ``image`` and ``point_features``) and, beside it, the point
+        front end ``point_features.pt``: the two parts of :mod:`.export`."""
+        from anomalib.deploy import ExportType
+        from anomalib.models.components.base.export_mixin.mixin import create_export_root
 
-    def to_openvino(self, *args, **kwargs) -> Any:  # noqa: ANN401
-        return self.to_onnx(*args, **kwargs)
+        from .export import export_scoring_graph
+
+        self._freeze_for_export()
+        root = create_export_root(export_root, ExportType.ONNX)
+        return export_scoring_graph(self, root / f"{model_file_name}.onnx", input_size, **kwargs)
+
+    def to_openvino(self, export_root: Path | str, model_file_name: str = "model", *args, **kwargs) -> Path:
+        """anomalib's conversion of the ONNX graph, with the point front end copied beside the ``.xml``."""
+        from .export import FRONT_END_FILE, PointFrontEnd
+
+        path = super().to_openvino(export_root, model_file_name, *args, **kwargs)
+        PointFrontEnd(self.model.point_backbone, self.model.image_size).save(Path(path).parent / FRONT_END_FILE)
+        return path

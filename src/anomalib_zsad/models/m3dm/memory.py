@@ -143,9 +143,16 @@ def _box_pass(values: torch.Tensor, radius: int, weight: int, edge_weight: int) 
     size = values.shape[-1]
     shape = (*values.shape[:-1], radius + 1)
     padded = torch.cat([values[..., :1].expand(shape), values, values[..., -1:].expand(shape)], dim=-1)
-    window = padded.unfold(-1, 2 * radius + 1, 1)[..., 1:size + 1, :].sum(-1)
+    # window sums from one cumulative sum (exact in integers; a short graph when exported)
+    total = torch.cumsum(padded, dim=-1)
+    window = total[..., 2 * radius + 1:2 * radius + 1 + size] - total[..., :size]
     far = padded[..., :size] + padded[..., 2 * radius + 2:2 * radius + 2 + size]
-    return (window * weight + far * edge_weight + (1 << 23)) >> 24
+    # (window·ww + far·fw + 2^23) >> 24, with the weights split at 12 bits so that no product
+    # passes 2^31: OpenVINO runs int64 graphs in int32. Exact: floor((A·2^12 + B) / 2^24) equals
+    # floor((A + floor(B / 2^12)) / 2^12) for integers A, B >= 0.
+    high = window * (weight >> 12) + far * (edge_weight >> 12)
+    low = window * (weight & 4095) + far * (edge_weight & 4095) + (1 << 23)
+    return (high + low // 4096) // 4096
 
 
 def gaussian_blur_8bit(image: torch.Tensor, radius: float = 4, passes: int = 3) -> torch.Tensor:

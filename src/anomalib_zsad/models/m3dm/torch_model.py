@@ -85,6 +85,35 @@ class SampleScore:
     s_map: torch.Tensor  # [H, W] float64
 
 
+def cloud_point_patch(encoder: PointMAEEncoder, cloud: torch.Tensor, image_size: tuple[int, int],
+                      point_grid: tuple[int, int], drop_path: torch.Tensor | torch.Generator | None = None,
+                      keep_extras: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``xyz_patch`` ``[P, C_xyz]`` of one organized cloud ``[3, H, W]`` already at ``image_size``:
+    its foreground points, Point-MAE, interpolation back to every point, the pixel grid pooled to
+    ``point_grid``. A module-level function so that the exported point front end
+    (:mod:`.export`) runs exactly the model's code."""
+    points, pixels = unorganize(cloud)
+    channels = encoder.out_channels
+    extras: dict[str, torch.Tensor] = {}
+    if points.shape[0] == 0:  # no foreground: nothing to describe
+        return cloud.new_zeros(point_grid[0] * point_grid[1], channels), extras
+    groups, size = encoder.num_group, encoder.group_size
+    if points.shape[0] < max(groups, size):  # a tiny cloud: fewer groups / points per group
+        encoder.num_group, encoder.group_size = min(groups, points.shape[0]), min(size, points.shape[0])
+    try:
+        with torch.no_grad():
+            features, center, neighbour_idx, center_idx = encoder(points[None], drop_path)
+            interpolated = interpolate_to_points(points[None], center, features)[0]
+    finally:
+        encoder.num_group, encoder.group_size = groups, size
+    grid = points_to_grid(interpolated, pixels, image_size, point_grid)
+    xyz_patch = grid.reshape(channels, -1).T
+    if keep_extras:
+        extras = {"points": points, "pixel_indices": pixels, "point_features": features[0], "center": center[0],
+                  "neighbour_idx": neighbour_idx[0], "center_idx": center_idx[0], "interpolated": interpolated}
+    return xyz_patch, extras
+
+
 class M3DMModel(nn.Module):
     """M3DM (main setting): see the module docstring.
 
@@ -161,28 +190,8 @@ class M3DMModel(nn.Module):
     def point_features(self, cloud: torch.Tensor, drop_path: torch.Tensor | None = None,
                        keep_extras: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``xyz_patch`` ``[P, C_xyz]`` of one organized cloud ``[3, H, W]`` at the image size."""
-        points, pixels = unorganize(cloud)
-        channels = self.point_backbone.out_channels
-        extras: dict[str, torch.Tensor] = {}
-        if points.shape[0] == 0:  # no foreground: nothing to describe
-            xyz_patch = cloud.new_zeros(self.point_grid[0] * self.point_grid[1], channels)
-            return xyz_patch, extras
-        encoder = self.point_backbone
-        groups, size = encoder.num_group, encoder.group_size
-        if points.shape[0] < max(groups, size):  # a tiny cloud: fewer groups / points per group
-            encoder.num_group, encoder.group_size = min(groups, points.shape[0]), min(size, points.shape[0])
-        try:
-            with torch.no_grad():
-                features, center, neighbour_idx, center_idx = encoder(points[None], self._drop_path(drop_path))
-                interpolated = interpolate_to_points(points[None], center, features)[0]
-        finally:
-            encoder.num_group, encoder.group_size = groups, size
-        grid = points_to_grid(interpolated, pixels, self.image_size, self.point_grid)
-        xyz_patch = grid.reshape(channels, -1).T
-        if keep_extras:
-            extras = {"points": points, "pixel_indices": pixels, "point_features": features[0], "center": center[0],
-                      "neighbour_idx": neighbour_idx[0], "center_idx": center_idx[0], "interpolated": interpolated}
-        return xyz_patch, extras
+        return cloud_point_patch(self.point_backbone, cloud, self.image_size, self.point_grid,
+                                 self._drop_path(drop_path), keep_extras)
 
     def sample_features(self, rgb_map: torch.Tensor, cloud: torch.Tensor, drop_path: torch.Tensor | None = None,
                         keep_extras: bool = False) -> SampleFeatures:
@@ -221,9 +230,13 @@ class M3DMModel(nn.Module):
         return {name: score_modality(self.normalise(patches[name]), getattr(self, f"{name}_bank"), grids[name],
                                      self.image_size, self.n_reweight, self.blur_radius) for name in MODALITIES}
 
-    def rgb_grids(self, features: SampleFeatures) -> dict[str, tuple[int, int]]:
+    def rgb_grids_for_size(self) -> tuple[int, int]:
+        """The ViT's patch grid at the model's image size."""
         patch = getattr(self.rgb_backbone.patch_embed, "patch_size", (8, 8))
-        rgb_grid = (self.image_size[0] // patch[0], self.image_size[1] // patch[1])
+        return self.image_size[0] // patch[0], self.image_size[1] // patch[1]
+
+    def rgb_grids(self, features: SampleFeatures) -> dict[str, tuple[int, int]]:
+        rgb_grid = self.rgb_grids_for_size()
         if rgb_grid[0] * rgb_grid[1] != features.rgb_patch.shape[0]:
             msg = f"M3DM: {features.rgb_patch.shape[0]} RGB patches do not fill the {rgb_grid} grid"
             raise ValueError(msg)
