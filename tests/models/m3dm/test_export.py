@@ -41,11 +41,13 @@ def map_tolerance(model: M3DM, images: torch.Tensor, clouds: torch.Tensor) -> fl
     """Maps: each modality's map is quantised to 8 bits before the blur (the official code), so a
     value on a level's edge may fall on either side after float differences of 1e-7. Pillow's box
     blur (weights summing to one, monotone) keeps such differences within one level, i.e.
-    ``peak/255`` per modality; the segmentation SVM adds them up: ``Σ |coef|·λ·peak / 255``."""
+    ``peak/255`` per modality (``peak``: the map's maximum before the blur); the segmentation SVM
+    adds them up: ``Σ |coef|·λ·peak / 255``."""
     torch_model = model.model
     with torch.no_grad():
         results = [torch_model.score_sample(f) for f in torch_model.extract(model.pre_processor(images), clouds)]
-    peaks = torch.stack([torch.stack([r.single[n].s_map.max() for n in MODALITIES]) for r in results]).amax(0)
+    # the quantisation's peak: the largest nearest-bank distance (the map before the blur)
+    peaks = torch.stack([torch.stack([r.single[n].min_val.max() for n in MODALITIES]) for r in results]).amax(0)
     weights = torch.tensor([torch_model.lambdas[f"{n}_smap"] for n in MODALITIES], dtype=torch.float64)
     return float((torch_model.seg_coef.abs() * weights * peaks.double()).sum() / 255) + SCORE_TOLERANCE
 
@@ -84,6 +86,28 @@ def test_scoring_graph_and_front_end_compute_the_models_outputs(fitted: M3DM, tm
     assert points.shape == (2, fitted.model.point_backbone.out_channels, 16, 16)
     assert_outputs_match(actual._asdict(), expected, 2, map_tolerance(fitted, images, clouds))
     assert torch.equal(actual.pred_label, expected.pred_label)
+
+
+@pytest.mark.parametrize("method", ["DINO", "Point_MAE"])
+def test_scoring_graph_of_a_single_bank_setting(method: str) -> None:
+    """``method_name`` DINO / Point_MAE: the graph scores the one bank, as the model."""
+    model = M3DM(**TINY, method_name=method, f_coreset=1.0)
+    images, clouds = demo_samples(2, seed=0)
+    with torch.no_grad():
+        model.model.add_training_batch(model.pre_processor(images), clouds)
+    model.fit()
+    model.eval()
+    images, clouds = demo_samples(2, seed=4, defect="dent")
+    front_end = PointFrontEnd(model.model.point_backbone, model.model.image_size)
+    with torch.no_grad():
+        expected = model(images, clouds)
+        actual = ScoringGraph(model).eval()(images, front_end(clouds))
+    with torch.no_grad():  # one 8-bit level of the map before the blur (see map_tolerance)
+        peak = max(float(model.model.score_single(f).min_val.max())
+                   for f in model.model.extract(model.pre_processor(images), clouds))
+    np.testing.assert_allclose(actual.pred_score.numpy(), expected.pred_score.numpy(), atol=SCORE_TOLERANCE,
+                               rtol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(actual.anomaly_map.numpy(), expected.anomaly_map.numpy(), atol=peak / 255 + 1e-6)
 
 
 def test_front_end_file_is_checked(tmp_path: Path) -> None:

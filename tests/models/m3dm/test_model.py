@@ -220,3 +220,47 @@ def test_map_blur_is_the_official_knn_gaussian_blur() -> None:
     expected = ToTensor()(ToPILImage()(score_map[0] / peak).filter(ImageFilter.GaussianBlur(radius=4))) * peak
     torch.testing.assert_close(blur_8bit(score_map[0, 0], 4), expected[0], atol=0, rtol=0)
     assert not blur_8bit(torch.zeros(8, 8)).any()
+
+
+# ------------------------------------------------------------------------------------------ single-bank settings
+@pytest.mark.parametrize(("method", "modality"), [("DINO", "rgb"), ("Point_MAE", "xyz"), ("Fusion", "fusion")])
+def test_single_bank_settings_score_with_their_own_bank(method: str, modality: str) -> None:
+    """The official ``--method_name DINO`` / ``Point_MAE`` / ``Fusion``: one bank of that modality
+    (the RGB one normalised by its own mean and std, the others not), ``int(f·rows)`` coreset rows,
+    no SVM: the output is that bank's re-weighted score (``+1e-5`` in the re-weighting for DINO and
+    Point_MAE) and blurred map."""
+    from anomalib_zsad.models.m3dm.memory import score_modality
+
+    model = M3DM(**TINY, method_name=method, f_coreset=0.5)
+    torch_model = model.model
+    images, clouds = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)), _clouds(3)
+    features = torch_model.extract(images, clouds)
+    for sample in features:
+        torch_model.add_training_sample(sample)
+    library = torch.cat([getattr(f, f"{modality}_patch") for f in features])
+    torch_model.fit()
+    bank = getattr(torch_model, f"{modality}_bank")
+    assert bank.shape[0] == int(0.5 * library.shape[0])
+    if modality == "rgb":
+        torch.testing.assert_close(torch_model.bank_mean, library.mean())
+        torch.testing.assert_close(torch_model.bank_std, library.std())
+    else:
+        assert float(torch_model.bank_mean) == 0 and float(torch_model.bank_std) == 1
+    for other in {"xyz", "rgb", "fusion"} - {modality}:  # the other banks stay empty
+        assert getattr(torch_model, f"{other}_bank").shape[0] == 1
+    test_images, test_clouds = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)), _clouds(1, seed=5)
+    with torch.no_grad():
+        out = torch_model(test_images, test_clouds)
+        sample = torch_model.extract(test_images, test_clouds)[0]
+    patch = (getattr(sample, f"{modality}_patch") - torch_model.bank_mean) / torch_model.bank_std
+    grid = torch_model.rgb_grids(sample)[modality]
+    expected = score_modality(patch, bank, grid, (64, 64), weight_eps=0.0 if method == "Fusion" else 1e-5)
+    assert torch.equal(out.pred_score[0], expected.s.float())
+    assert torch.equal(out.anomaly_map[0], expected.s_map.float())
+    unweighted = score_modality(patch, bank, grid, (64, 64))
+    assert method == "Fusion" or not torch.equal(unweighted.s, expected.s)
+
+
+def test_unimplemented_method_names_are_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="method_name must be one of"):
+        M3DM(**TINY, method_name="DINO+Point_MAE")

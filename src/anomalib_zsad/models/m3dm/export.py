@@ -38,7 +38,7 @@ from torch import nn
 from anomalib_zsad.pointcloud import PointMAEEncoder, resize_organized
 
 from .memory import gaussian_blur_8bit
-from .torch_model import MODALITIES, cloud_point_patch
+from .torch_model import MAIN_METHOD, MODALITIES, SINGLE_METHODS, cloud_point_patch
 
 if TYPE_CHECKING:
     from .torch_model import M3DMModel
@@ -94,17 +94,17 @@ class PointFrontEnd(nn.Module):
 
 def euclidean_cdist(rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """``torch.cdist(rows [B, P, C], bank [L, C])`` as torch computes it for large inputs (one
-    matrix product of the padded rows ``[-2x, 1, |x|²]·[y, |y|², 1]``, clamped at 0, square root):
+    matrix product of the padded rows ``[-2x, |x|², 1]·[y, 1, |y|²]``, clamped at 0, square root):
     the exporter has no ONNX function for ``cdist`` itself."""
     x_norm = rows.pow(2).sum(-1, keepdim=True)
     y_norm = bank.pow(2).sum(-1, keepdim=True)
-    x_pad = torch.cat([rows * -2, torch.ones_like(x_norm), x_norm], dim=-1)
-    y_pad = torch.cat([bank, y_norm, torch.ones_like(y_norm)], dim=-1)
+    x_pad = torch.cat([rows * -2, x_norm, torch.ones_like(x_norm)], dim=-1)  # torch's own order
+    y_pad = torch.cat([bank, torch.ones_like(y_norm), y_norm], dim=-1)
     return (x_pad @ y_pad.T).clamp_min(0).sqrt()
 
 
 def nearest_bank_scores(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int],
-                        n_reweight: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        n_reweight: int, weight_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`.memory.score_modality` for a batch ``[B, P, C]`` with static shapes (no Python
     branch on values): image scores ``[B]`` and maps ``[B, H, W]`` before the blur (the three
     modalities' maps are blurred together: :func:`blur_8bit_batch`)."""
@@ -119,7 +119,10 @@ def nearest_bank_scores(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int
     _, nn_idx = torch.topk(w_dist, k=min(n_reweight, bank.shape[0]), largest=False)
     m_star_knn = torch.linalg.norm(m_test - bank[nn_idx[:, 1:]], dim=2)  # [B, k-1]
     scale = float(np.sqrt(patch.shape[2]))
-    weight = 1 - torch.exp(s_star / scale) / torch.sum(torch.exp(m_star_knn / scale), dim=1)
+    denominator = torch.sum(torch.exp(m_star_knn / scale), dim=1)
+    if weight_eps:
+        denominator = denominator + weight_eps
+    weight = 1 - torch.exp(s_star / scale) / denominator
     s_map = F.interpolate(min_val.view(batch, 1, *grid), size=tuple(image_size), mode="bilinear")[:, 0]
     return weight * s_star, s_map
 
@@ -147,6 +150,7 @@ class ScoringGraph(nn.Module):
         self.image_size, self.point_grid = model.image_size, model.point_grid
         self.n_reweight, self.blur_radius, self.lambdas = model.n_reweight, model.blur_radius, dict(model.lambdas)
         self.rgb_grid = model.rgb_grids_for_size()
+        self.method = model.method
         for name in (*(f"{m}_bank" for m in MODALITIES), "bank_mean", "bank_std", "detect_coef", "detect_offset",
                      "seg_coef", "seg_offset"):
             self.register_buffer(name, getattr(model, name))
@@ -161,9 +165,17 @@ class ScoringGraph(nn.Module):
         # adaptive pooling from H/8 to H/4 is a 2x nearest upsampling (each bin holds one cell)
         rgb_patch2 = F.adaptive_avg_pool2d(rgb_map, self.point_grid).reshape(batch, channels, -1).transpose(1, 2)
         xyz_patch = point_features.reshape(batch, point_features.shape[1], -1).transpose(1, 2)
-        fusion_patch = self.fusion(xyz_patch, rgb_patch2)
-        patches = {"xyz": xyz_patch, "rgb": rgb_patch, "fusion": fusion_patch}
+        patches = {"xyz": xyz_patch, "rgb": rgb_patch}
+        if self.method in {"Fusion", MAIN_METHOD}:
+            patches["fusion"] = self.fusion(xyz_patch, rgb_patch2)
         grids = {"xyz": self.point_grid, "rgb": self.rgb_grid, "fusion": self.point_grid}
+        if self.method in SINGLE_METHODS:  # one bank: its score and blurred map, no SVM
+            name, _, weight_eps = SINGLE_METHODS[self.method]
+            normalised = (patches[name] - self.bank_mean) / self.bank_std
+            s, s_map = nearest_bank_scores(normalised, getattr(self, f"{name}_bank"), grids[name], self.image_size,
+                                           self.n_reweight, weight_eps)
+            single = InferenceBatch(pred_score=s, anomaly_map=blur_8bit_batch(s_map, self.blur_radius))
+            return self.post_processor(single) if self.post_processor else single
         lam = self.lambdas
         scores, maps = [], []
         for name in MODALITIES:

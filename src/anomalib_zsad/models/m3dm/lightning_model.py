@@ -34,7 +34,7 @@ from anomalib_zsad.models.components.contract import ArgumentCheck, weights_sha2
 
 from .backbones import is_random_weights, is_vit_name, load_rgb_backbone, patch_size_of
 from .fusion import FeatureFusionBlock, load_uff_weights, read_uff_checkpoint
-from .torch_model import M3DMModel
+from .torch_model import METHODS, M3DMModel
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ class M3DM(PluginModuleMixin, AnomalibModule):
             (the official loop stops once its counter exceeds it; 400: every MVTec 3D-AD class fits).
         seed: random weights (tests), the random UFF, the projection of the coreset (officially
             numpy's global generator after ``set_seeds(0)``) and stochastic-depth draws.
+        method_name: the official ``--method_name``: ``DINO+Point_MAE+Fusion`` (the main setting:
+            three banks, UFF, decision-layer SVMs), or one memory bank alone: ``DINO`` (RGB patches,
+            normalised by their own mean and std), ``Point_MAE`` (point patches) or ``Fusion`` (UFF
+            patches); their re-weighted score and blurred map are the outputs (no SVM; the ``*_lambda``
+            and ``ocsvm_*`` arguments are unused). ``DINO+Point_MAE`` and ``DINO+Point_MAE+add`` are
+            refused (not implemented; see the README).
         allow_backbone_mismatch: run a checkpoint on other backbones or another image size than it was fitted with.
         pre_processor: anomalib pre-processor; True = bicubic resize to ``image_size`` and ImageNet normalisation.
         post_processor: anomalib post-processor; True = thresholds from validation, scores unnormalised.
@@ -131,6 +137,7 @@ class M3DM(PluginModuleMixin, AnomalibModule):
         ocsvm_seed: int = 42,
         max_sample: int = 400,
         seed: int = 0,
+        method_name: str = "DINO+Point_MAE+Fusion",
         allow_backbone_mismatch: bool = False,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -182,6 +189,9 @@ class M3DM(PluginModuleMixin, AnomalibModule):
 
     def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
         del arch
+        method = settings["method_name"]
+        check.require(method in METHODS, f"method_name must be one of {list(METHODS)} (the official settings "
+                      f"DINO+Point_MAE and DINO+Point_MAE+add are not implemented), got {method!r}")
         for name in ("num_group", "group_size", "n_reweight", "ocsvm_maxiter", "max_sample"):
             value = settings[name]
             check.require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -247,7 +257,7 @@ class M3DM(PluginModuleMixin, AnomalibModule):
                          coreset_eps=s["coreset_eps"], coreset_float16=s["coreset_float16"], projection_seed=s["seed"],
                          n_reweight=s["n_reweight"], blur_radius=s["blur_radius"], lambdas=lambdas,
                          ocsvm_nu=s["ocsvm_nu"], ocsvm_max_iter=s["ocsvm_maxiter"], ocsvm_seed=s["ocsvm_seed"],
-                         point_drop_path=s["point_drop_path"], seed=s["seed"])
+                         point_drop_path=s["point_drop_path"], seed=s["seed"], method=s["method_name"])
 
     read_official_weights = staticmethod(read_uff_checkpoint)
 

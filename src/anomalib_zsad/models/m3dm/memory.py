@@ -103,8 +103,10 @@ class ModalityScore:
 
 
 def score_modality(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int],
-                   n_reweight: int = 3, blur_radius: float = 4) -> ModalityScore:
-    """Score ``patch`` ``[P, C]`` (normalised) against ``bank`` ``[L, C]`` (official arithmetic)."""
+                   n_reweight: int = 3, blur_radius: float = 4, weight_eps: float = 0.0) -> ModalityScore:
+    """Score ``patch`` ``[P, C]`` (normalised) against ``bank`` ``[L, C]`` (official arithmetic).
+    ``weight_eps``: added to the re-weighting's denominator (the official ``DINO`` and ``Point_MAE``
+    settings add ``1e-5``; ``Fusion`` and the multi-bank settings add nothing)."""
     distance = torch.cdist(patch, bank)
     min_val, min_idx = torch.min(distance, dim=1)
     s_idx = torch.argmax(min_val)
@@ -115,7 +117,10 @@ def score_modality(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int, int
     _, nn_idx = torch.topk(w_dist, k=min(n_reweight, bank.shape[0]), largest=False)
     m_star_knn = torch.linalg.norm(m_test - bank[nn_idx[0, 1:]], dim=1)
     scale = torch.sqrt(torch.tensor(patch.shape[1]))
-    weight = 1 - (torch.exp(s_star / scale) / torch.sum(torch.exp(m_star_knn / scale)))
+    denominator = torch.sum(torch.exp(m_star_knn / scale))
+    if weight_eps:
+        denominator = denominator + weight_eps
+    weight = 1 - (torch.exp(s_star / scale) / denominator)
     s = weight * s_star
     s_map = F.interpolate(min_val.view(1, 1, *grid), size=tuple(image_size), mode="bilinear")
     s_map = blur_8bit(s_map[0, 0], blur_radius)

@@ -60,6 +60,11 @@ from .memory import (
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("xyz", "rgb", "fusion")
+MAIN_METHOD = "DINO+Point_MAE+Fusion"
+#: the official ``--method_name`` settings with one memory bank: the bank's modality, whether it is
+#: normalised by its own mean and std (``RGBFeatures`` only) and the re-weighting's ``+1e-5``
+SINGLE_METHODS = {"DINO": ("rgb", True, 1e-5), "Point_MAE": ("xyz", False, 1e-5), "Fusion": ("fusion", False, 0.0)}
+METHODS = (*SINGLE_METHODS, MAIN_METHOD)
 DEFAULT_LAMBDAS = {"xyz_s": 1.0, "rgb_s": 0.1, "fusion_s": 1.0, "xyz_smap": 1.0, "rgb_smap": 0.1, "fusion_smap": 1.0}
 
 
@@ -133,6 +138,9 @@ class M3DMModel(nn.Module):
         point_drop_path: draw Point-MAE's stochastic depth at every forward, as the official code
             does (it never calls ``.eval()``), from a generator seeded by ``seed``; False: none.
         seed: of those draws.
+        method: the official ``--method_name``: ``DINO+Point_MAE+Fusion`` (three banks, SVMs) or a
+            single bank, ``DINO`` (RGB), ``Point_MAE`` (points) or ``Fusion`` (UFF patches), whose
+            re-weighted score and blurred map are the outputs (no SVM).
     """
 
     def __init__(self, rgb_backbone: nn.Module, point_backbone: PointMAEEncoder, fusion: FeatureFusionBlock,
@@ -140,8 +148,14 @@ class M3DMModel(nn.Module):
                  coreset_float16: bool = True, projection_seed: int | None = 0, n_reweight: int = 3,
                  blur_radius: float = 4, lambdas: dict[str, float] | None = None, ocsvm_nu: float = 0.5,
                  ocsvm_max_iter: int = 1000, ocsvm_seed: int | None = 42, point_drop_path: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, method: str = MAIN_METHOD) -> None:
         super().__init__()
+        if method not in METHODS:
+            msg = f"M3DM: method {method!r} is not one of {list(METHODS)}"
+            raise ValueError(msg)
+        self.method = method
+        self.needs_points = method != "DINO"
+        self.needs_fusion = method in {"Fusion", MAIN_METHOD}
         self.rgb_backbone = rgb_backbone
         self.point_backbone = point_backbone
         self.fusion = fusion
@@ -199,9 +213,15 @@ class M3DMModel(nn.Module):
         channels = rgb_map.shape[0]
         rgb_patch = rgb_map.reshape(channels, -1).T
         rgb_patch2 = F.adaptive_avg_pool2d(rgb_map, self.point_grid).reshape(channels, -1).T
-        xyz_patch, extras = self.point_features(cloud, drop_path, keep_extras)
-        with torch.no_grad():
-            fusion_patch = self.fusion(xyz_patch[None], rgb_patch2[None])[0]
+        if self.needs_points:
+            xyz_patch, extras = self.point_features(cloud, drop_path, keep_extras)
+        else:  # DINO alone: the point branch is not computed (its patches would not be used)
+            xyz_patch, extras = rgb_map.new_zeros(rgb_patch2.shape[0], self.point_backbone.out_channels), {}
+        if self.needs_fusion:
+            with torch.no_grad():
+                fusion_patch = self.fusion(xyz_patch[None], rgb_patch2[None])[0]
+        else:
+            fusion_patch = rgb_map.new_zeros(rgb_patch2.shape[0], self.fusion.xyz_dim + self.fusion.rgb_dim)
         return SampleFeatures(xyz_patch, rgb_patch, rgb_patch2, fusion_patch, extras)
 
     def resize_clouds(self, clouds: torch.Tensor) -> torch.Tensor:
@@ -258,10 +278,22 @@ class M3DMModel(nn.Module):
         fused = svm_score_samples(s_map, self.seg_coef, self.seg_offset).view(*self.image_size)
         return SampleScore(single=single, fused_input_s=s, fused_input_map=s_map, score=score, s_map=fused)
 
+    def score_single(self, features: SampleFeatures) -> ModalityScore:
+        """A single-bank setting's score and map (``DINO``, ``Point_MAE``, ``Fusion``)."""
+        name, _, weight_eps = SINGLE_METHODS[self.method]
+        patch = {"xyz": features.xyz_patch, "rgb": features.rgb_patch, "fusion": features.fusion_patch}[name]
+        return score_modality(self.normalise(patch), getattr(self, f"{name}_bank"), self.rgb_grids(features)[name],
+                              self.image_size, self.n_reweight, self.blur_radius, weight_eps)
+
     def forward(self, images: torch.Tensor, clouds: torch.Tensor) -> InferenceBatch:
         """Image scores ``[B]`` and anomaly maps ``[B, H, W]`` (float32; computed in float64)."""
         scores, maps = [], []
         for features in self.extract(images, clouds):
+            if self.method in SINGLE_METHODS:
+                single = self.score_single(features)
+                scores.append(single.s.reshape(()))
+                maps.append(single.s_map)
+                continue
             result = self.score_sample(features)
             scores.append(result.score.reshape(()))
             maps.append(result.s_map)
@@ -319,6 +351,24 @@ class M3DMModel(nn.Module):
         self.bank_std = std.to(device)
         return chosen
 
+    def build_single_bank(self) -> torch.Tensor | None:
+        """A single-bank setting's ``run_coreset``: its library (the RGB one normalised by its own
+        mean and std, the others as they are), subsampled to ``int(f·rows)`` by the coreset. No
+        SVM is fitted. Returns the coreset indices (None without a coreset)."""
+        name, normalised, _ = SINGLE_METHODS[self.method]
+        library = torch.cat([getattr(s, f"{name}_patch") for s in self._training_samples])
+        mean, std = (torch.mean(library), torch.std(library)) if normalised else (torch.tensor(0.0), torch.tensor(1.0))
+        library = (library - mean) / std
+        chosen = None
+        if self.coreset_fraction < 1:
+            chosen = coreset_indices(library, max(int(self.coreset_fraction * library.shape[0]), 1),
+                                     eps=self.coreset_eps, float16=self.coreset_float16, seed=self.projection_seed)
+            library = library[chosen]
+        device = self.bank_mean.device
+        setattr(self, f"{name}_bank", library.contiguous().to(device))
+        self.bank_mean, self.bank_std = mean.to(device), std.to(device)
+        return chosen
+
     def late_fusion_library(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The SVMs' training data: every training sample scored against the finished banks (the
         official second pass; with random stochastic depth its point features are drawn anew)."""
@@ -359,6 +409,10 @@ class M3DMModel(nn.Module):
             msg = "M3DM: no training sample was collected: nothing to build the memory banks from"
             raise RuntimeError(msg)
         samples = self._training_samples
+        if self.method in SINGLE_METHODS:
+            self.build_single_bank()
+            self.reset_training()
+            return
         self.build_banks(torch.cat([s.xyz_patch for s in samples]), torch.cat([s.rgb_patch for s in samples]),
                          torch.cat([s.fusion_patch for s in samples]))
         s_lib, s_map_lib = self.late_fusion_library()
