@@ -316,9 +316,11 @@ class ZSADBenchmarkJob(Job):
         few = self._few_anomaly_settings(regime)
         if few is not None:
             datamodule = self._few_anomaly_data(datamodule, regime, few)
-        if regime == "full-shot" and hasattr(model, "learnt_parts_trained"):
+        if (regime == "full-shot" and hasattr(model, "learnt_parts_trained")
+                and not getattr(model, "trains_on_target_normals", False)):
             # anomalib_zsad's CLIP methods report ONE_CLASS until trained; fitting them on the
-            # target's normal images would be neither their protocol nor zero-shot.
+            # target's normal images would be neither their protocol nor zero-shot (M3DM's memory
+            # banks are: its protocol is PatchCore's).
             msg = (f"{self.model_entry['name']} learns on auxiliary data: give it 'train_data' (e.g. "
                    "anomalib_zsad.data.CrossDataset) or trained weights (e.g. official_checkpoint)")
             raise ValueError(msg)

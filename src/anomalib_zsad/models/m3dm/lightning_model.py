@@ -109,6 +109,9 @@ class M3DM(PluginModuleMixin, AnomalibModule):
     frozen_prefixes = ("model.rgb_backbone.", "model.point_backbone.")
     paper_max_epochs = 1
     needs_point_clouds = True
+    #: its memory banks come from the target category's normal samples (PatchCore's protocol): the
+    #: benchmark fits it on the target, as PatchCore, not on auxiliary data
+    trains_on_target_normals = True
 
     def __init__(
         self,
