@@ -15,21 +15,26 @@ import yaml
 TINY_CLIP = {"backbone": "zsad-tiny", "pretrained": None}
 
 
+def default_grid_models(demo_root: Path) -> list[dict]:
+    """The models of configs/benchmark/demo_grid.yaml, shrunk to seconds per cell."""
+    return [
+        {"name": "PatchCore", "class_path": "Patchcore", "image_size": 64,
+         "init_args": {"backbone": "resnet18", "pre_trained": False, "layers": ["layer2", "layer3"],
+                       "coreset_sampling_ratio": 0.02}},
+        {"name": "RD", "class_path": "ReverseDistillation", "image_size": 64,
+         "init_args": {"backbone": "resnet18", "pre_trained": False}},
+        {"name": "WinCLIP-0shot", "class_path": "anomalib_zsad.benchmark.WinClipFixed",
+         "init_args": {**TINY_CLIP, "image_size": 64}},
+        {"name": "WinCLIP-1shot", "class_path": "WinClipFixed",
+         "init_args": {**TINY_CLIP, "image_size": 64, "k_shot": 1}},
+        anomalyclip_entry(demo_root),
+    ]
+
+
 def tiny_grid(demo_root: Path, output_dir: Path, categories: list[str], models: list[dict] | None = None) -> dict:
-    """The demo grid of configs/benchmark/demo_grid.yaml, shrunk to seconds per cell."""
+    """The demo grid (by default :func:`default_grid_models`) over ``categories`` of the demo set."""
     if models is None:
-        models = [
-            {"name": "PatchCore", "class_path": "Patchcore", "image_size": 64,
-             "init_args": {"backbone": "resnet18", "pre_trained": False, "layers": ["layer2", "layer3"],
-                           "coreset_sampling_ratio": 0.02}},
-            {"name": "RD", "class_path": "ReverseDistillation", "image_size": 64,
-             "init_args": {"backbone": "resnet18", "pre_trained": False}},
-            {"name": "WinCLIP-0shot", "class_path": "anomalib_zsad.benchmark.WinClipFixed",
-             "init_args": {**TINY_CLIP, "image_size": 64}},
-            {"name": "WinCLIP-1shot", "class_path": "WinClipFixed",
-             "init_args": {**TINY_CLIP, "image_size": 64, "k_shot": 1}},
-            anomalyclip_entry(demo_root),
-        ]
+        models = default_grid_models(demo_root)
     return {
         "accelerator": "cpu",
         "benchmark": {
