@@ -129,7 +129,9 @@ def worker(args: argparse.Namespace, work: Path) -> dict:
 
 def fingerprint(module) -> list[float]:
     """Sums of every tensor of ``module`` (float64): equal for equal weights, cheap, no copy kept."""
-    return [float(t.double().sum()) for t in module.state_dict().values() if t.is_floating_point()]
+    import torch
+
+    return [float(t.double().sum()) for t in module.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
 
 
 def peak_rss_mib() -> float:
