@@ -50,3 +50,22 @@ def test_m3dm_saves_pictures_with_the_depth_panel(tmp_path: Path) -> None:
     assert panel[-1, -1, 0] == 0 and panel.max() == 255  # background corner black; the nearest point white
     # visualize() gives the same picture as the file
     assert visualizer.visualize(batch).size == Image.open(saved[0]).size
+
+
+def test_pictures_of_good_and_defective_samples_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    """anomalib names a picture after the path below the folder named like the datamodule
+    (``MVTec3DFixed`` is not one): both ``test/good/rgb/000.png`` and ``test/bump/rgb/000.png``
+    became ``rgb/000.png``. The data set's root folder names them now."""
+    batch = _batch(tmp_path)
+    good = tmp_path / "data" / "dome" / "test" / "good" / "rgb" / "000.png"
+    good.parent.mkdir(parents=True)
+    Image.open(batch.image_path[0]).save(good)
+    visualizer = M3DM.configure_visualizer()
+    datamodule = SimpleNamespace(name="MVTec3DFixed", root=tmp_path / "data", category="dome")
+    trainer = SimpleNamespace(default_root_dir=tmp_path / "run", datamodule=datamodule)
+    for path in (batch.image_path[0], str(good)):
+        batch.image_path = [path]
+        visualizer.on_test_batch_end(trainer, SimpleNamespace(post_processor=None), batch, batch, 0)
+    saved = sorted(p.relative_to(tmp_path / "run" / "images").as_posix()
+                   for p in (tmp_path / "run" / "images").rglob("*.png"))
+    assert saved == ["test/bump/rgb/000.png", "test/good/rgb/000.png"]

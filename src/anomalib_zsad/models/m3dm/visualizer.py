@@ -11,6 +11,8 @@ pictures with the panel.
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,21 @@ def with_depth_panel(picture: Image.Image, depth_map: Any, size: tuple[int, int]
     return out
 
 
+def naming_trainer(trainer: Any) -> Any:  # noqa: ANN401
+    """What anomalib's visualizer reads from the trainer to name a picture, with the data set's
+    *folder* name: anomalib keeps the path below the folder named like the datamodule (``name``),
+    then below the category. ``MVTec3DFixed`` (or a data set in a folder named otherwise) is not
+    found, and anomalib falls back to the last folder, ``rgb/000.png`` for every label: a defect's
+    picture and a good one's overwrite each other. With the root folder's name the picture keeps
+    ``test/<label>/rgb/000.png``."""
+    datamodule = getattr(trainer, "datamodule", None)
+    root = getattr(datamodule, "root", None)
+    if root is None:
+        return trainer
+    named = SimpleNamespace(name=Path(root).name, category=getattr(datamodule, "category", None))
+    return SimpleNamespace(default_root_dir=trainer.default_root_dir, datamodule=named)
+
+
 class DepthVisualizer(ZeroShotVisualizer):
     """:class:`ZeroShotVisualizer` (anomalib's visualizer) with the depth panel (module docstring)."""
 
@@ -83,11 +100,12 @@ class DepthVisualizer(ZeroShotVisualizer):
     def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,  # noqa: ANN401
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         """anomalib draws and saves; each saved picture then gets its item's depth panel."""
-        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        naming = naming_trainer(trainer)
+        super().on_test_batch_end(naming, pl_module, outputs, batch, batch_idx, dataloader_idx)
         depth = getattr(batch, "depth_map", None)
         if depth is None or self.output_dir is None:
             return
-        datamodule = getattr(trainer, "datamodule", None)
+        datamodule = getattr(naming, "datamodule", None)
         for index, path in enumerate(batch.image_path or []):
             filename = generate_output_filename(input_path=path or "", output_path=self.output_dir,
                                                 dataset_name=getattr(datamodule, "name", None),
