@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             for backend in args.backends:
                 print(f"timing {backend} (round {round_index + 1}/{args.rounds}) ...", flush=True)
                 if (result := run_backend(backend, args, work)) is not None:
+                    print(f"  {backend}: {[round(t, 3) for t in result['times']]} s, peak {result['peak_mib']:.0f} MiB",
+                          flush=True)  # partial figures survive an interrupted long run
                     if backend in pooled:
                         pooled[backend]["times"] += result["times"]
                         pooled[backend]["peak_mib"] = max(pooled[backend]["peak_mib"], result["peak_mib"])
