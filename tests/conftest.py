@@ -156,6 +156,7 @@ def assert_export_equals_torch(model, path: str | Path, size: int = 64, toleranc
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first (stable order otherwise): with ``-n 2`` a two-minute flow left for the end
-    would run alone on one core while the other waits."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow tests and tests grouped on one worker (``xdist_group``: they share an expensive module
+    fixture) first, stable order otherwise: with ``-n 2`` a two-minute flow left for the end would
+    run alone on one core while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None and item.get_closest_marker("xdist_group") is None)

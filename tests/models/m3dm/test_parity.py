@@ -33,7 +33,9 @@ from anomalib_zsad.models.m3dm.torch_model import MODALITIES, SampleFeatures
 from anomalib_zsad.pointcloud import PointMAEEncoder, group_points, load_pointmae_weights, resize_organized, unorganize
 from conftest import load_parity_tensors, require_parity_set
 
-pytestmark = pytest.mark.parity
+# one worker builds the module's pipeline fixture (the full-size official ViT-B/8 run) for all of its
+# tests; spread over two xdist workers it was built twice (``--dist loadgroup`` in pyproject.toml)
+pytestmark = [pytest.mark.parity, pytest.mark.xdist_group("m3dm_parity_pipeline")]
 
 FEATURE_ATOL = 1e-4
 DISTANCE_ATOL = 1e-3
