@@ -18,7 +18,8 @@ def test_m3dm_grid_has_every_implemented_setting_beside_patchcore() -> None:
     config = yaml.safe_load(GRID.read_text())
     jobs = list(ZSADBenchmarkJobGenerator("cpu")(config["benchmark"]))
     entries = {job.model_entry["name"]: job.model_entry for job in jobs}
-    assert list(entries) == ["PatchCore (RGB)", "M3DM DINO", "M3DM Point_MAE", "M3DM Fusion", "M3DM"]
+    assert list(entries) == ["PatchCore (RGB)", "M3DM DINO", "M3DM Point_MAE", "M3DM Fusion",
+                             "M3DM DINO+Point_MAE", "M3DM"]
     assert len(jobs) == len(entries) * 3  # dome, ring, tablet
     methods = [entry["init_args"]["method_name"] for name, entry in entries.items() if name.startswith("M3DM")]
     assert methods == list(METHODS)

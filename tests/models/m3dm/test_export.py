@@ -21,7 +21,6 @@ from anomalib_zsad.models.m3dm.export import (
     blur_8bit_batch,
 )
 from anomalib_zsad.models.m3dm.memory import blur_8bit
-from anomalib_zsad.models.m3dm.torch_model import MODALITIES
 
 TINY = {"backbone": "vit_small_patch8_224.dino", "pretrained": False, "point_checkpoint": None, "image_size": 64,
         "num_group": 32, "group_size": 16}
@@ -47,8 +46,9 @@ def map_tolerance(model: M3DM, images: torch.Tensor, clouds: torch.Tensor) -> fl
     with torch.no_grad():
         results = [torch_model.score_sample(f) for f in torch_model.extract(model.pre_processor(images), clouds)]
     # the quantisation's peak: the largest nearest-bank distance (the map before the blur)
-    peaks = torch.stack([torch.stack([r.single[n].min_val.max() for n in MODALITIES]) for r in results]).amax(0)
-    weights = torch.tensor([torch_model.lambdas[f"{n}_smap"] for n in MODALITIES], dtype=torch.float64)
+    names = torch_model.modalities
+    peaks = torch.stack([torch.stack([r.single[n].min_val.max() for n in names]) for r in results]).amax(0)
+    weights = torch.tensor([torch_model.lambdas[f"{n}_smap"] for n in names], dtype=torch.float64)
     return float((torch_model.seg_coef.abs() * weights * peaks.double()).sum() / 255) + SCORE_TOLERANCE
 
 
@@ -108,6 +108,22 @@ def test_scoring_graph_of_a_single_bank_setting(method: str) -> None:
     np.testing.assert_allclose(actual.pred_score.numpy(), expected.pred_score.numpy(), atol=SCORE_TOLERANCE,
                                rtol=SCORE_TOLERANCE)
     np.testing.assert_allclose(actual.anomaly_map.numpy(), expected.anomaly_map.numpy(), atol=peak / 255 + 1e-6)
+
+
+def test_scoring_graph_of_dino_point_mae() -> None:
+    """``method_name`` DINO+Point_MAE: two banks and 2-input SVMs in the graph, as the model."""
+    model = M3DM(**TINY, method_name="DINO+Point_MAE", f_coreset=1.0)
+    images, clouds = demo_samples(2, seed=0)
+    with torch.no_grad():
+        model.model.add_training_batch(model.pre_processor(images), clouds)
+    model.fit()
+    model.eval()
+    images, clouds = demo_samples(2, seed=4, defect="bump")
+    front_end = PointFrontEnd(model.model.point_backbone, model.model.image_size)
+    with torch.no_grad():
+        expected = model(images, clouds)
+        actual = ScoringGraph(model).eval()(images, front_end(clouds))
+    assert_outputs_match(actual._asdict(), expected, 2, map_tolerance(model, images, clouds))
 
 
 def test_front_end_file_is_checked(tmp_path: Path) -> None:

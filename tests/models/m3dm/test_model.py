@@ -261,6 +261,41 @@ def test_single_bank_settings_score_with_their_own_bank(method: str, modality: s
     assert method == "Fusion" or not torch.equal(unweighted.s, expected.s)
 
 
+def test_dino_point_mae_fuses_two_banks_with_scores_divided_by_1000() -> None:
+    """``method_name`` DINO+Point_MAE (the official ``DoubleRGBPointFeatures``): the main setting's
+    normalisation and coreset sizes for the point and RGB banks, no zero row added to the point
+    bank, no UFF bank; the re-weighting on distances divided by 1000; 2-input SVMs."""
+    from anomalib_zsad.models.m3dm.decision import svm_score_samples
+    from anomalib_zsad.models.m3dm.memory import score_modality
+
+    model = M3DM(**TINY, method_name="DINO+Point_MAE", f_coreset=0.5)
+    torch_model = model.model
+    images, clouds = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)), _clouds(3)
+    features = torch_model.extract(images, clouds)
+    for sample in features:
+        torch_model.add_training_sample(sample)
+    xyz_lib = torch.cat([f.xyz_patch for f in features])
+    rgb_lib = torch.cat([f.rgb_patch for f in features])
+    torch_model.fit()
+    n_xyz = int(0.5 * xyz_lib.shape[0])
+    assert torch_model.xyz_bank.shape[0] == n_xyz and torch_model.rgb_bank.shape[0] == int(0.5 * n_xyz)
+    assert torch_model.fusion_bank.shape[0] == 1
+    torch.testing.assert_close(torch_model.bank_mean, xyz_lib.mean())
+    torch.testing.assert_close(torch_model.bank_std, rgb_lib.std())
+    assert torch_model.detect_coef.shape == torch_model.seg_coef.shape == (2,)
+    test_images, test_clouds = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)), _clouds(1, seed=5)
+    with torch.no_grad():
+        out = torch_model(test_images, test_clouds)
+        sample = torch_model.extract(test_images, test_clouds)[0]
+    grids = torch_model.rgb_grids(sample)
+    single = {name: score_modality(torch_model.normalise(getattr(sample, f"{name}_patch")),
+                                   getattr(torch_model, f"{name}_bank"), grids[name], (64, 64), divisor=1000)
+              for name in ("xyz", "rgb")}
+    s = torch.stack([single["xyz"].s, 0.1 * single["rgb"].s]).reshape(1, 2)
+    expected = svm_score_samples(s, torch_model.detect_coef, torch_model.detect_offset)
+    assert torch.equal(out.pred_score, expected.float())
+
+
 def test_unimplemented_method_names_are_refused_at_once() -> None:
     with pytest.raises(ValueError, match="method_name must be one of"):
-        M3DM(**TINY, method_name="DINO+Point_MAE")
+        M3DM(**TINY, method_name="DINO+Point_MAE+add")

@@ -104,7 +104,8 @@ def euclidean_cdist(rows: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_bank_scores(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int],
-                        n_reweight: int, weight_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        n_reweight: int, weight_eps: float = 0.0, divisor: float = 1.0,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`.memory.score_modality` for a batch ``[B, P, C]`` with static shapes (no Python
     branch on values): image scores ``[B]`` and maps ``[B, H, W]`` before the blur (the three
     modalities' maps are blurred together: :func:`blur_8bit_batch`)."""
@@ -118,6 +119,8 @@ def nearest_bank_scores(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int
     w_dist = euclidean_cdist(m_star.unsqueeze(1), bank)[:, 0]
     _, nn_idx = torch.topk(w_dist, k=min(n_reweight, bank.shape[0]), largest=False)
     m_star_knn = torch.linalg.norm(m_test - bank[nn_idx[:, 1:]], dim=2)  # [B, k-1]
+    if divisor != 1:  # DINO+Point_MAE's /1000 (the map keeps the distances)
+        s_star, m_star_knn = s_star / divisor, m_star_knn / divisor
     scale = float(np.sqrt(patch.shape[2]))
     denominator = torch.sum(torch.exp(m_star_knn / scale), dim=1)
     if weight_eps:
@@ -150,7 +153,7 @@ class ScoringGraph(nn.Module):
         self.image_size, self.point_grid = model.image_size, model.point_grid
         self.n_reweight, self.blur_radius, self.lambdas = model.n_reweight, model.blur_radius, dict(model.lambdas)
         self.rgb_grid = model.rgb_grids_for_size()
-        self.method = model.method
+        self.method, self.modalities, self.score_divisor = model.method, model.modalities, model.score_divisor
         for name in (*(f"{m}_bank" for m in MODALITIES), "bank_mean", "bank_std", "detect_coef", "detect_offset",
                      "seg_coef", "seg_offset"):
             self.register_buffer(name, getattr(model, name))
@@ -178,17 +181,18 @@ class ScoringGraph(nn.Module):
             return self.post_processor(single) if self.post_processor else single
         lam = self.lambdas
         scores, maps = [], []
-        for name in MODALITIES:
+        count = len(self.modalities)  # 3; DINO+Point_MAE: 2
+        for name in self.modalities:
             normalised = (patches[name] - self.bank_mean) / self.bank_std
             s, s_map = nearest_bank_scores(normalised, getattr(self, f"{name}_bank"), grids[name], self.image_size,
-                                           self.n_reweight)
+                                           self.n_reweight, divisor=self.score_divisor)
             scores.append(lam[f"{name}_s"] * s)
             maps.append(s_map)
-        blurred = blur_8bit_batch(torch.stack(maps, dim=1).flatten(0, 1), self.blur_radius).view(batch, 3,
+        blurred = blur_8bit_batch(torch.stack(maps, dim=1).flatten(0, 1), self.blur_radius).view(batch, count,
                                                                                                   *self.image_size)
-        weights = torch.tensor([lam[f"{name}_smap"] for name in MODALITIES]).view(1, 3, 1, 1)
-        s_in = torch.stack(scores, dim=1).double()  # [B, 3]
-        map_in = (weights * blurred).permute(0, 2, 3, 1).double()  # [B, H, W, 3]
+        weights = torch.tensor([lam[f"{name}_smap"] for name in self.modalities]).view(1, count, 1, 1)
+        s_in = torch.stack(scores, dim=1).double()  # [B, count]
+        map_in = (weights * blurred).permute(0, 2, 3, 1).double()  # [B, H, W, count]
         score = (s_in @ self.detect_coef - self.detect_offset) + self.detect_offset
         anomaly_map = (map_in @ self.seg_coef - self.seg_offset) + self.seg_offset
         batch_out = InferenceBatch(pred_score=score.float(), anomaly_map=anomaly_map.float())

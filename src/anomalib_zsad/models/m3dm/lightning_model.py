@@ -96,8 +96,9 @@ class M3DM(PluginModuleMixin, AnomalibModule):
             three banks, UFF, decision-layer SVMs), or one memory bank alone: ``DINO`` (RGB patches,
             normalised by their own mean and std), ``Point_MAE`` (point patches) or ``Fusion`` (UFF
             patches); their re-weighted score and blurred map are the outputs (no SVM; the ``*_lambda``
-            and ``ocsvm_*`` arguments are unused). ``DINO+Point_MAE`` and ``DINO+Point_MAE+add`` are
-            refused (not implemented; see the README).
+            and ``ocsvm_*`` arguments are unused); or ``DINO+Point_MAE``: the point and RGB banks
+            without UFF and two 2-input SVMs (distances divided by 1000 in the re-weighting, as
+            officially). ``DINO+Point_MAE+add`` is refused (not implemented; see the README).
         allow_backbone_mismatch: run a checkpoint on other backbones or another image size than it was fitted with.
         pre_processor: anomalib pre-processor; True = bicubic resize to ``image_size`` and ImageNet normalisation.
         post_processor: anomalib post-processor; True = thresholds from validation, scores unnormalised.
@@ -193,8 +194,8 @@ class M3DM(PluginModuleMixin, AnomalibModule):
     def check_arguments(self, check: ArgumentCheck, settings: dict[str, Any], arch: Any) -> None:  # noqa: ANN401
         del arch
         method = settings["method_name"]
-        check.require(method in METHODS, f"method_name must be one of {list(METHODS)} (the official settings "
-                      f"DINO+Point_MAE and DINO+Point_MAE+add are not implemented), got {method!r}")
+        check.require(method in METHODS, f"method_name must be one of {list(METHODS)} (the official setting "
+                      f"DINO+Point_MAE+add is not implemented), got {method!r}")
         for name in ("num_group", "group_size", "n_reweight", "ocsvm_maxiter", "max_sample"):
             value = settings[name]
             check.require(isinstance(value, int) and not isinstance(value, bool) and value > 0,

@@ -103,19 +103,26 @@ class ModalityScore:
 
 
 def score_modality(patch: torch.Tensor, bank: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int],
-                   n_reweight: int = 3, blur_radius: float = 4, weight_eps: float = 0.0) -> ModalityScore:
+                   n_reweight: int = 3, blur_radius: float = 4, weight_eps: float = 0.0,
+                   divisor: float = 1.0) -> ModalityScore:
     """Score ``patch`` ``[P, C]`` (normalised) against ``bank`` ``[L, C]`` (official arithmetic).
     ``weight_eps``: added to the re-weighting's denominator (the official ``DINO`` and ``Point_MAE``
-    settings add ``1e-5``; ``Fusion`` and the multi-bank settings add nothing)."""
+    settings add ``1e-5``; ``Fusion`` and the multi-bank settings add nothing). ``divisor``: the
+    largest distance and the neighbour distances are divided by it before the re-weighting
+    (``DINO+Point_MAE``: 1000; the map keeps the distances)."""
     distance = torch.cdist(patch, bank)
     min_val, min_idx = torch.min(distance, dim=1)
     s_idx = torch.argmax(min_val)
     s_star = torch.max(min_val)
+    if divisor != 1:
+        s_star = s_star / divisor
     m_test = patch[s_idx].unsqueeze(0)
     m_star = bank[min_idx[s_idx]].unsqueeze(0)
     w_dist = torch.cdist(m_star, bank)
     _, nn_idx = torch.topk(w_dist, k=min(n_reweight, bank.shape[0]), largest=False)
     m_star_knn = torch.linalg.norm(m_test - bank[nn_idx[0, 1:]], dim=1)
+    if divisor != 1:
+        m_star_knn = m_star_knn / divisor
     scale = torch.sqrt(torch.tensor(patch.shape[1]))
     denominator = torch.sum(torch.exp(m_star_knn / scale))
     if weight_eps:

@@ -64,7 +64,10 @@ MAIN_METHOD = "DINO+Point_MAE+Fusion"
 #: the official ``--method_name`` settings with one memory bank: the bank's modality, whether it is
 #: normalised by its own mean and std (``RGBFeatures`` only) and the re-weighting's ``+1e-5``
 SINGLE_METHODS = {"DINO": ("rgb", True, 1e-5), "Point_MAE": ("xyz", False, 1e-5), "Fusion": ("fusion", False, 0.0)}
-METHODS = (*SINGLE_METHODS, MAIN_METHOD)
+#: ``DINO+Point_MAE`` (``DoubleRGBPointFeatures``): the point and RGB banks of the main setting without
+#: UFF, no zero row in the point bank, distances divided by 1000 in the re-weighting, 2-input SVMs
+PAIR_METHOD = "DINO+Point_MAE"
+METHODS = (*SINGLE_METHODS, PAIR_METHOD, MAIN_METHOD)
 DEFAULT_LAMBDAS = {"xyz_s": 1.0, "rgb_s": 0.1, "fusion_s": 1.0, "xyz_smap": 1.0, "rgb_smap": 0.1, "fusion_smap": 1.0}
 
 
@@ -156,6 +159,8 @@ class M3DMModel(nn.Module):
         self.method = method
         self.needs_points = method != "DINO"
         self.needs_fusion = method in {"Fusion", MAIN_METHOD}
+        self.modalities = ("xyz", "rgb") if method == PAIR_METHOD else MODALITIES  # those the SVMs fuse
+        self.score_divisor = 1000.0 if method == PAIR_METHOD else 1.0
         self.rgb_backbone = rgb_backbone
         self.point_backbone = point_backbone
         self.fusion = fusion
@@ -174,7 +179,7 @@ class M3DMModel(nn.Module):
         self.register_buffer("bank_mean", torch.tensor(0.0))
         self.register_buffer("bank_std", torch.tensor(1.0))
         for name in ("detect", "seg"):  # untrained: the sum of the weighted scores
-            self.register_buffer(f"{name}_coef", torch.ones(3, dtype=torch.float64))
+            self.register_buffer(f"{name}_coef", torch.ones(len(self.modalities), dtype=torch.float64))
             self.register_buffer(f"{name}_offset", torch.zeros(1, dtype=torch.float64))
         self._training_samples: list[SampleFeatures] = []
 
@@ -248,7 +253,8 @@ class M3DMModel(nn.Module):
         patches = {"xyz": features.xyz_patch, "rgb": features.rgb_patch, "fusion": features.fusion_patch}
         grids = self.rgb_grids(features)
         return {name: score_modality(self.normalise(patches[name]), getattr(self, f"{name}_bank"), grids[name],
-                                     self.image_size, self.n_reweight, self.blur_radius) for name in MODALITIES}
+                                     self.image_size, self.n_reweight, self.blur_radius, divisor=self.score_divisor)
+                for name in self.modalities}
 
     def rgb_grids_for_size(self) -> tuple[int, int]:
         """The ViT's patch grid at the model's image size."""
@@ -264,12 +270,10 @@ class M3DMModel(nn.Module):
 
     def fusion_inputs(self, single: dict[str, ModalityScore]) -> tuple[torch.Tensor, torch.Tensor]:
         """The SVMs' inputs: ``[[λ·s_xyz, λ·s_rgb, λ·s_fusion]]`` and the per-pixel λ-weighted maps ``[H*W, 3]``."""
-        lam = self.lambdas
-        s = torch.stack([lam["xyz_s"] * single["xyz"].s, lam["rgb_s"] * single["rgb"].s,
-                         lam["fusion_s"] * single["fusion"].s]).reshape(1, 3)
-        maps = torch.stack([lam["xyz_smap"] * single["xyz"].s_map, lam["rgb_smap"] * single["rgb"].s_map,
-                            lam["fusion_smap"] * single["fusion"].s_map])
-        return s, maps.reshape(3, -1).T
+        lam, count = self.lambdas, len(self.modalities)  # DINO+Point_MAE: xyz and rgb only
+        s = torch.stack([lam[f"{name}_s"] * single[name].s for name in self.modalities]).reshape(1, count)
+        maps = torch.stack([lam[f"{name}_smap"] * single[name].s_map for name in self.modalities])
+        return s, maps.reshape(count, -1).T
 
     def score_sample(self, features: SampleFeatures) -> SampleScore:
         single = self.modality_scores(features)
@@ -333,7 +337,7 @@ class M3DMModel(nn.Module):
         chosen: dict[str, torch.Tensor] = {}
         if self.coreset_fraction < 1:
             n_xyz, n_other = coreset_sizes(libs["xyz"].shape[0], self.coreset_fraction)
-            for name, count in (("xyz", n_xyz), ("rgb", n_other), ("fusion", n_other)):
+            for name, count in (("xyz", n_xyz), ("rgb", n_other), ("fusion", n_other))[:len(self.modalities)]:
                 count = max(count, 1)
                 if coreset_idx is not None and name in coreset_idx:
                     chosen[name] = torch.as_tensor(coreset_idx[name]).long()
@@ -342,8 +346,11 @@ class M3DMModel(nn.Module):
                                                    float16=self.coreset_float16, seed=self.projection_seed,
                                                    components=None if components is None else components.get(name))
                 libs[name] = libs[name][chosen[name]]
-        xyz_bank = libs["xyz"][torch.nonzero(torch.all(libs["xyz"] != 0, dim=1))[:, 0]]
-        libs["xyz"] = torch.cat((xyz_bank, torch.zeros(1, xyz_bank.shape[1], dtype=xyz_bank.dtype)), 0)
+        if self.method == MAIN_METHOD:  # DINO+Point_MAE keeps its point rows as they are
+            xyz_bank = libs["xyz"][torch.nonzero(torch.all(libs["xyz"] != 0, dim=1))[:, 0]]
+            libs["xyz"] = torch.cat((xyz_bank, torch.zeros(1, xyz_bank.shape[1], dtype=xyz_bank.dtype)), 0)
+        else:
+            libs["fusion"] = libs["fusion"].new_zeros(1, libs["fusion"].shape[1])
         device = self.bank_mean.device
         for name in MODALITIES:
             setattr(self, f"{name}_bank", libs[name].contiguous().to(device))
