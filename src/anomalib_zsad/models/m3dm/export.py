@@ -248,10 +248,12 @@ class M3DMInferencer:
 
             self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
             self.output_names = [o.name for o in self.session.get_outputs()]
+            self.input_names = [i.name for i in self.session.get_inputs()]
         else:
             import openvino
 
             self.compiled = openvino.Core().compile_model(str(self.path), device)
+            self.input_names = [port.any_name for port in self.compiled.inputs]
 
     def point_features(self, clouds: torch.Tensor) -> torch.Tensor:
         """Part 1 alone: the graph's second input."""
@@ -265,11 +267,13 @@ class M3DMInferencer:
             with torch.no_grad():
                 out = self.model(images, torch.as_tensor(clouds).float())
             return {k: v.numpy() for k, v in out._asdict().items() if v is not None}
-        points = self.point_features(clouds).numpy()
+        feeds = {INPUT_NAMES[0]: images.numpy()}
+        if INPUT_NAMES[1] in self.input_names:  # a graph that ignores the points (DINO) has no such input
+            feeds[INPUT_NAMES[1]] = self.point_features(clouds).numpy()
         if self.kind == ".onnx":
-            values = self.session.run(None, {INPUT_NAMES[0]: images.numpy(), INPUT_NAMES[1]: points})
+            values = self.session.run(None, feeds)
             return dict(zip(self.output_names, values, strict=True))
-        result = self.compiled([images.numpy(), points])
+        result = self.compiled(feeds)
         named = {}
         for port, value in result.items():  # OpenVINO may give a port several names: keep anomalib's
             names = port.get_names()
