@@ -73,8 +73,8 @@ def stub_modules() -> None:
 
 @contextlib.contextmanager
 def cuda_to_identity():
-    """``tensor.to('cuda')`` returns the tensor on a CUDA-less host (VAND's and AdaCLIP's vendored
-    ``open_clip/transformer.py`` build an unused ``out_attn`` on ``cuda``)."""
+    """``tensor.to('cuda')`` returns the tensor on a CUDA-less host (VAND's, AdaCLIP's and Bayes-PFL's
+    vendored transformers build an unused ``out_attn`` on ``cuda``)."""
     original = torch.Tensor.to
 
     def to(self, *args, **kwargs):
@@ -312,7 +312,7 @@ def bayes_pfl(src: Path, work: Path) -> OfficialCall:
         return score / draws, gaussian_filter(np.mean(maps, axis=0)[0], sigma=8)
 
     def call(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), cuda_to_identity():  # its transformer.py also builds an unused out_attn on cuda
             outs = [one(image[None]) for image in images]
         return torch.stack([s for s, _ in outs]), torch.from_numpy(np.stack([m for _, m in outs]))
 
