@@ -37,8 +37,12 @@ from conftest import (
 
 MODELS = [getattr(plugin_models, name) for name in plugin_models.__all__]
 TINY = {"backbone": "zsad-tiny", "pretrained": None, "image_size": 64}
-# Models that are not CLIP-based: their tiny settings (random timm backbone, small flows).
-TINY_SETTINGS = {"BGAD": {"backbone": "resnet18", "layers": [1, 2], "pretrained": False, "image_size": 64,
+# Models whose text tower runs on every image (prompts that depend on the image) use the tiny CLIP
+# with a 4-block text tower: their exported graphs hold that tower. Models that are not CLIP-based:
+# their tiny settings (random timm backbone, small flows).
+TINY_SETTINGS = {"AdaCLIP": {**TINY, "backbone": "zsad-tiny-text4"},
+                 "BayesPFL": {**TINY, "backbone": "zsad-tiny-text4"},
+                 "BGAD": {"backbone": "resnet18", "layers": [1, 2], "pretrained": False, "image_size": 64,
                           "coupling_layers": 2, "pos_embed_dim": 16, "flow_batch_size": 256, "permute_soft": False},
                  "M3DM": {"backbone": "vit_small_patch8_224.dino", "pretrained": False, "point_checkpoint": None,
                           "image_size": 64, "num_group": 32, "group_size": 16}}
