@@ -82,11 +82,15 @@ def cuda_to_identity():
             return self
         return original(self, *args, **kwargs)
 
+    original_cuda = torch.Tensor.cuda
     torch.Tensor.to = to
+    if not torch.cuda.is_available():  # Bayes-PFL's flows: torch.zeros(...).cuda()
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # noqa: ARG005
     try:
         yield
     finally:
         torch.Tensor.to = original
+        torch.Tensor.cuda = original_cuda
 
 
 def vand(src: Path, work: Path) -> OfficialCall:
