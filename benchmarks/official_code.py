@@ -294,7 +294,8 @@ def bayes_pfl(src: Path, work: Path) -> OfficialCall:
     clip.eval()
     text_encoder = TextEncoder(clip, args)
     model = Context_Prompting(args=args).eval()
-    model.load_state_dict(torch.load(work / "official-weights.pt", map_location="cpu")["MyModel"], strict=True)
+    model.load_state_dict(torch.load(work / "official-weights.pt", map_location="cpu", weights_only=True)["MyModel"],
+                          strict=True)
     draws = args.prompt_num * args.sample_num
     name = config["class_name"]
 

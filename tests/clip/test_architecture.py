@@ -44,7 +44,7 @@ def test_configs_this_layer_would_build_wrong_are_refused(name: str, options: li
         assert option in str(error.value)
     with pytest.raises(ValueError, match=f"CLIP architecture '{name}': .*cannot build") as by_name:
         named_architecture(name)
-    assert "Known ViT names: zsad-narrow-L14-336, zsad-tiny, ViT-B-16" in str(by_name.value)
+    assert "Known ViT names: zsad-narrow-L14-336, zsad-tiny, zsad-tiny-text4, ViT-B-16" in str(by_name.value)
 
 
 def test_a_plain_vit_config_builds_with_its_own_heads() -> None:
