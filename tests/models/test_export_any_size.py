@@ -27,6 +27,10 @@ from anomalib_zsad.models.components.export import (
 )
 from conftest import run_export
 
+# One worker builds the ONNX and OpenVINO exports (fixture ``exported``) for all of this module's
+# tests; spread over two xdist workers it was built twice (``--dist loadgroup`` in pyproject.toml).
+pytestmark = pytest.mark.xdist_group("export_any_size")
+
 MODEL_SIZE = 64
 SIZES = [(64, 64), (80, 96), (120, 90)]  # (height, width): the model size, larger, one side smaller
 TOLERANCE = 1e-4

@@ -9,6 +9,10 @@ import pytest
 
 from anomalib_zsad.models.components.quantization import embedding_comparisons
 
+# One worker builds the INT8 export of the module's fixture for all of this module's tests; spread
+# over two xdist workers it can be built twice (``--dist loadgroup`` in pyproject.toml).
+pytestmark = pytest.mark.xdist_group("int8_quantization")
+
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
