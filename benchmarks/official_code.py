@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "parity"))
+from narrow_clip import torchscript_archive  # the parity generators' writer of OpenAI's container
+
 OPENAI_ARCHIVE = "clip-openai.pt"
 OfficialCall = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -32,22 +35,7 @@ def write_openai_archive(clip, path: Path) -> None:
     """A TorchScript archive whose ``state_dict()`` is our CLIP in OpenAI's layout, what every official
     loader (``open_clip``'s ``load_openai_model``, AnomalyCLIP's ``load``) reads for ``pretrained=openai``.
     The official loaders convert it to fp16 and back: :func:`round_to_fp16` beforehand keeps both sides equal."""
-    state = openai_state_dict(clip)
-
-    class Node(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    root = Node()
-    for key, value in state.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for name in parents:
-            if not hasattr(module, name):
-                module.add_module(name, Node())
-            module = getattr(module, name)
-        module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-    torch.jit.script(root).save(str(path))
+    torchscript_archive(openai_state_dict(clip), path)
 
 
 @torch.no_grad()

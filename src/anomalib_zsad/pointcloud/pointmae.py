@@ -79,7 +79,9 @@ class _MiniPointNet(nn.Module):
         return x.amax(dim=2).reshape(batch, count, self.channels)
 
 
-class _Mlp(nn.Module):
+class GeluMlp(nn.Module):
+    """``fc1 -> GELU -> fc2``, timm's ``Mlp`` names: the MLP of Point-MAE's blocks and of M3DM's UFF."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -111,7 +113,7 @@ class _Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = _Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, scales: tuple[float, float] | None = None) -> torch.Tensor:
         attention = self.attn(self.norm1(x))

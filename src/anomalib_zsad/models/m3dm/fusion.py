@@ -16,17 +16,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from anomalib_zsad.pointcloud.pointmae import GeluMlp
+
 UFF_HEAD_DIM = 256
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class FeatureFusionBlock(nn.Module):
@@ -45,9 +37,9 @@ class FeatureFusionBlock(nn.Module):
         self.xyz_dim, self.rgb_dim = xyz_dim, rgb_dim
         self.temperature = temperature
         self.xyz_norm = nn.LayerNorm(xyz_dim)
-        self.xyz_mlp = _Mlp(xyz_dim, int(xyz_dim * mlp_ratio))
+        self.xyz_mlp = GeluMlp(xyz_dim, int(xyz_dim * mlp_ratio))
         self.rgb_norm = nn.LayerNorm(rgb_dim)
-        self.rgb_mlp = _Mlp(rgb_dim, int(rgb_dim * mlp_ratio))
+        self.rgb_mlp = GeluMlp(rgb_dim, int(rgb_dim * mlp_ratio))
         self.rgb_head = nn.Linear(rgb_dim, UFF_HEAD_DIM)
         self.xyz_head = nn.Linear(xyz_dim, UFF_HEAD_DIM)
 
