@@ -7,7 +7,7 @@ from .architecture import ClipArchitecture, named_architecture
 from .loading import ClipWeightsUnavailableError, default_cache_dir, load_clip, read_clip_state_dict
 from .model import ClipModel
 from .pos_embed import POS_EMBED_MODES, resize_pos_embed
-from .text import TextTower
+from .text import TextTower, end_token_span
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, tokenize
 from .vision import DPAM_ATTENTIONS, VisionTokens, VisionTower, quarter_blocks
 
@@ -26,6 +26,7 @@ __all__ = [
     "ClipModel",
     "ClipWeightsUnavailableError",
     "TextTower",
+    "end_token_span",
     "VisionTokens",
     "VisionTower",
     "default_cache_dir",

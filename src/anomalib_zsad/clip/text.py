@@ -17,6 +17,19 @@ from .layers import Transformer
 from .vision import BlockHook
 
 
+def end_token_span(token_ids: torch.Tensor, shift: int = 0, minimum: int = 0) -> int:
+    """Leading positions a causal text tower must run so that every end token is read.
+
+    Under the causal mask no token after a sentence's end token can change that token's output, so
+    the tower may stop there (13 of 77 positions for Bayes-PFL's default prompts). ``shift`` moves
+    the end tokens (placeholders replaced by several learnt vectors), ``minimum`` keeps room for
+    prompt tokens. Computed once from token ids outside any traced code: a Python int, so that an
+    exported graph has a static length.
+    """
+    span = int(token_ids.argmax(dim=-1).max()) + 1 + shift
+    return min(max(span, minimum), token_ids.shape[-1])
+
+
 class TextTower(nn.Module):
     """Causal transformer with OpenAI's parameter names (``token_embedding``, ``ln_final``, ...)."""
 

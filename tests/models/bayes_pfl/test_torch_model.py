@@ -119,6 +119,32 @@ def test_class_names_change_the_prompts(model: BayesPFLModel, images: torch.Tens
     torch.testing.assert_close(default[2], named[2])
 
 
+def test_truncated_text_equals_full_context(images: torch.Tensor) -> None:
+    """The text tower stops after the last end token (13 of 77 positions for "X object" with 10
+    prompt tokens); causal attention leaves inference and training outputs and gradients unchanged."""
+    model = make_model().train()
+    assert model.text_length(None) == 13
+    assert model.text_length(["metal_nut", "object"]) == 14  # "metal nut" is two words
+    width, gen = model.clip.arch.text_width, torch.Generator().manual_seed(2)
+    noise = PromptNoise(*(torch.randn(shape, generator=gen) for shape in ((3, 1, width), (1, width), (1, width))))
+    labels, masks = torch.tensor([0, 1, 1]), torch.zeros(3, SIZE, SIZE)
+    results = {}
+    for truncate in (True, False):
+        model.truncate_text = truncate
+        model.zero_grad()
+        out = model.training_outputs(images, labels, masks, ["metal_nut", "object", "bottle"], noise=noise,
+                                     prompt_index=1)
+        out["loss"].backward()
+        with torch.no_grad():
+            predicted = model.predict(images)
+        results[truncate] = (out["loss"].detach(), model.prompt_context.grad.clone(), predicted)
+    (loss, grad, short), (full_loss, full_grad, full) = results[True], results[False]
+    torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=1e-4)
+    for key in ("image_prob", "raw_map", "pred_score"):
+        torch.testing.assert_close(short[key], full[key], atol=1e-6, rtol=1e-5)
+
+
 def test_planar_flow_log_det_is_the_jacobian() -> None:
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(5, generator=gen, dtype=torch.float64)

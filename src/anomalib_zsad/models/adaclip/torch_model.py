@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_zsad.clip import ClipModel, tokenize
+from anomalib_zsad.clip import ClipModel, end_token_span, tokenize
 from anomalib_zsad.models.components import GaussianBlur
 
 from .hsf import HybridSemanticFusion
@@ -159,7 +159,7 @@ class AdaCLIPModel(nn.Module):
         or the whole context without ``truncate_text``."""
         if not self.truncate_text:
             return token_ids.shape[-1]
-        return max(int(token_ids.argmax(-1).max()) + 1, self.prompt_length + 1)
+        return end_token_span(token_ids, minimum=self.prompt_length + 1)
 
     def _tokens_for(self, class_names: Sequence[str] | None, batch: int) -> torch.Tensor:
         """[B, S, L] token ids, cut to the used context; the default class's ids are a buffer

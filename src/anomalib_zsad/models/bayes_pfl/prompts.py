@@ -52,6 +52,7 @@ def encode_prompt_bank(
     z_context: torch.Tensor,
     z_states: torch.Tensor,
     embedded: torch.Tensor | None = None,
+    length: int | None = None,
 ) -> torch.Tensor:
     """Text features of every (image, state, sample, prompt).
 
@@ -64,6 +65,8 @@ def encode_prompt_bank(
         z_states: [2, S, W] normal and abnormal flow samples (sample s pairs with context sample s).
         embedded: ``text.token_embedding(token_ids)`` if already known (a frozen buffer for export:
             then the 49408-row embedding table is not part of the exported graph).
+        length: positions of the sequences run through the tower (a Python int, see
+            :func:`~anomalib_zsad.clip.end_token_span`); None = the whole context.
 
     Returns:
         [B, 2, S, P_num, E], not normalised.
@@ -78,7 +81,7 @@ def encode_prompt_bank(
     if embedded is None:
         embedded = text.token_embedding(token_ids)  # [B, L, W]
     embedded = embedded.expand(batch, -1, -1)
-    length = embedded.shape[1]
+    length = embedded.shape[1] if length is None else length
     head = embedded[:, None, None, None, :1].expand(*shape, 1, width)
     tail = embedded[:, None, None, None, 2 : length - n_prompt + 1].expand(*shape, -1, width)
     sequences = torch.cat([head, v.to(embedded.dtype), tail], dim=-2).reshape(-1, length, width)

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_zsad.clip import ClipModel, quarter_blocks
+from anomalib_zsad.clip import ClipModel, end_token_span, quarter_blocks
 from anomalib_zsad.models.components import GaussianBlur
 
 from .flows import ContextFlow, Decoder, FlowSample, GaussianEncoder, StateFlow
@@ -69,6 +69,9 @@ class BayesPFLModel(nn.Module):
             1 (the global embedding as it is; use it when stage 2 was never trained).
         seed: seed of the Monte-Carlo noise (inference) and of the training draws.
         init_seed: seed of the parameter initialisation (official initialisers).
+        truncate_text: run the text tower only up to the last end token of the prompts (13 of
+            the 77 positions for the default prompts). Causal attention makes that exact up to float
+            rounding; False runs the whole context, as the official code does.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class BayesPFLModel(nn.Module):
         inference_stage: int = 2,
         seed: int = 0,
         init_seed: int = 0,
+        truncate_text: bool = True,
     ) -> None:
         super().__init__()
         arch = clip.arch
@@ -132,6 +136,9 @@ class BayesPFLModel(nn.Module):
         self.register_buffer("class_tokens", class_token_ids([class_name], arch.context_length, self.prompt_length),
                              persistent=False)
         self._token_cache: dict[str, torch.Tensor] = {}
+        self.truncate_text = truncate_text
+        # Python ints (static lengths in an exported graph), per class name; "" = the default class.
+        self._text_lengths = {"": self._sequence_length(self.class_tokens)}
         # token embeddings of the default class sentence, stored by freeze_text_features() for export
         self.register_buffer("frozen_class_embeddings", torch.empty(0), persistent=False)
         self.reset_parameters(init_seed)
@@ -216,6 +223,21 @@ class BayesPFLModel(nn.Module):
             rows.append(self._token_cache[name])
         return torch.stack(rows).to(self.class_tokens.device)
 
+    def _sequence_length(self, token_ids: torch.Tensor) -> int:
+        return end_token_span(token_ids, shift=self.prompt_length - 1)
+
+    def text_length(self, class_names: Sequence[str] | None) -> int | None:
+        """Positions the text tower runs for these class names (None: the whole context)."""
+        if not self.truncate_text:
+            return None
+        if class_names is None:
+            return self._text_lengths[""]
+        self.token_ids(class_names, len(class_names))  # fills the cache (and checks the names)
+        for name in class_names:
+            if name not in self._text_lengths:
+                self._text_lengths[name] = self._sequence_length(self._token_cache[name])
+        return max(self._text_lengths[name] for name in class_names)
+
     # ------------------------------------------------------------------ building blocks
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """-> (global embedding ``ln_post(cls) @ proj`` [B, E], raw patch tokens [B, N, Wv] per layer)."""
@@ -234,16 +256,17 @@ class BayesPFLModel(nn.Module):
                 self.PFL_abnormal(self.state_encoder, eps_abnormal[:, None]))
 
     def text_embeddings(self, token_ids: torch.Tensor, z_context: torch.Tensor, z_normal: torch.Tensor,
-                        z_abnormal: torch.Tensor, normalize: bool = True, default_class: bool = False
-                        ) -> torch.Tensor:
+                        z_abnormal: torch.Tensor, normalize: bool = True, default_class: bool = False,
+                        length: int | None = None) -> torch.Tensor:
         """[B, C, E] with C = 2 * S * prompt_num: the normal half first, index ``s * prompt_num + p``.
 
-        ``z_context`` [B, S, E]; ``z_normal``/``z_abnormal`` [S, E].
+        ``z_context`` [B, S, E]; ``z_normal``/``z_abnormal`` [S, E]; ``length``: positions the text
+        tower runs (:meth:`text_length`; None = the whole context).
         """
         states = torch.stack([self.prompt_state_normal, self.prompt_state_abnormal])
         frozen = self.frozen_class_embeddings if default_class and self.frozen_class_embeddings.numel() else None
         features = encode_prompt_bank(self.clip.text, token_ids, self.prompt_context, states, z_context,
-                                      torch.stack([z_normal, z_abnormal]), frozen)
+                                      torch.stack([z_normal, z_abnormal]), frozen, length)
         features = features.flatten(1, 3)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -301,7 +324,7 @@ class BayesPFLModel(nn.Module):
         noise = (noise or self.inference_noise()).to(image_features.device, image_features.dtype)
         eps_context = noise.context_for(batch)
         samples = eps_context.shape[1]
-        token_ids = self.token_ids(class_names, batch)
+        token_ids, length = self.token_ids(class_names, batch), self.text_length(class_names)
         z_context = self.sample_context(image_features, eps_context).zk.transpose(0, 1)  # [B, S, E]
         normal, abnormal = self.sample_states(noise.normal, noise.abnormal)
         z_normal, z_abnormal = normal.zk[:, 0], abnormal.zk[:, 0]
@@ -312,7 +335,7 @@ class BayesPFLModel(nn.Module):
         for start in range(0, samples, self.sample_chunk_size):
             chunk = slice(start, start + self.sample_chunk_size)
             text = self.text_embeddings(token_ids, z_context[:, chunk], z_normal[chunk], z_abnormal[chunk],
-                                        default_class=class_names is None)
+                                        default_class=class_names is None, length=length)
             image, pixel = self._chunk_scores(text, g, patches, size)
             image_sum, map_sum = image_sum + image, map_sum + pixel
         pairs = samples * self.prompt_num
@@ -366,7 +389,8 @@ class BayesPFLModel(nn.Module):
         normal, abnormal = self.sample_states(noise.normal.reshape(1, dim), noise.abnormal.reshape(1, dim))
         kl = torch.stack([flow_kl(s, batch) for s in (context, normal, abnormal)])
         rec = reconstruction_loss(self.PFL_context.reconstruct(context.zk[0], self.context_decoder), image_features)
-        text = self.text_embeddings(token_ids, context.zk.transpose(0, 1), normal.zk[:, 0], abnormal.zk[:, 0])
+        text = self.text_embeddings(token_ids, context.zk.transpose(0, 1), normal.zk[:, 0], abnormal.zk[:, 0],
+                                    length=self.text_length(class_names))
         logits = self.image_logits(text, self.global_embedding(image_features, tokens, stage))
         k, pn = prompt_index, self.prompt_num
         loss_class = F.cross_entropy(torch.stack([logits[:, k], logits[:, k + pn]], dim=1), labels.long())
