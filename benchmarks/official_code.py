@@ -189,7 +189,26 @@ def adaclip(src: Path, work: Path) -> OfficialCall:
     without a seed: its image score changes from run to run, ours is a seeded k-means (the maps do
     not depend on it)."""
     import numpy as np
+    from scipy.ndimage import gaussian_filter
 
+    trainer = adaclip_trainer(src, work)
+    config = json.loads((work / "official.json").read_text())
+    trainer.load(str(work / "official-weights.pt"))
+    trainer.eval()
+    name = config["class_name"]
+
+    def call(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), cuda_to_identity():
+            anomaly_map, anomaly_score = trainer.clip_model(image, [name] * image.shape[0], aggregation=True)
+            maps = np.stack([gaussian_filter(m, sigma=4) for m in anomaly_map.cpu().numpy()])
+            return anomaly_score.float(), torch.from_numpy(maps)
+
+    return call
+
+
+def adaclip_trainer(src: Path, work: Path, learning_rate: float = 0.0):
+    """The official ``AdaCLIP_Trainer`` on our CLIP archive (test.py's and train.py's settings from
+    ``official.json``), before its learnt weights are loaded; the run-time patches of :func:`adaclip`."""
     stub_modules()
     for name in ("seaborn",):
         sys.modules.setdefault(name, types.ModuleType(name))
@@ -217,8 +236,6 @@ def adaclip(src: Path, work: Path) -> OfficialCall:
     with contextlib.chdir(src):
         from method import custom_clip
         from method.trainer import AdaCLIP_Trainer
-    from scipy.ndimage import gaussian_filter
-
     config = json.loads((work / "official.json").read_text())
     custom_clip.get_pretrained_cfg = lambda _name, _tag: {"url": "local"}  # also for the small test architectures
     custom_clip.download_pretrained = lambda _cfg, cache_dir=None: str(work / OPENAI_ARCHIVE)  # noqa: ARG005
@@ -226,20 +243,10 @@ def adaclip(src: Path, work: Path) -> OfficialCall:
         (work / f"{config['open_clip_name']}.json").write_text(json.dumps(config["architecture"]))
         custom_clip.add_model_config(work / f"{config['open_clip_name']}.json")
     with contextlib.chdir(src), cuda_to_identity():
-        trainer = AdaCLIP_Trainer(backbone=config["open_clip_name"], feat_list=config["feature_layers"],
-                                  input_dim=config["vision_width"], output_dim=config["embed_dim"], learning_rate=0.0,
-                                  device="cpu", image_size=config["image_size"], **config["hyper"])
-    trainer.load(str(work / "official-weights.pt"))
-    trainer.eval()
-    name = config["class_name"]
-
-    def call(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), cuda_to_identity():
-            anomaly_map, anomaly_score = trainer.clip_model(image, [name] * image.shape[0], aggregation=True)
-            maps = np.stack([gaussian_filter(m, sigma=4) for m in anomaly_map.cpu().numpy()])
-            return anomaly_score.float(), torch.from_numpy(maps)
-
-    return call
+        return AdaCLIP_Trainer(backbone=config["open_clip_name"], feat_list=config["feature_layers"],
+                               input_dim=config["vision_width"], output_dim=config["embed_dim"],
+                               learning_rate=learning_rate, device="cpu", image_size=config["image_size"],
+                               **config["hyper"])
 
 
 def export_adaclip(model, work: Path) -> dict:

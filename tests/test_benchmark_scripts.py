@@ -153,3 +153,41 @@ def test_official_weight_export_reads_back_into_a_fresh_model(name: str, tmp_pat
         assert config["args"] | {"features_list": None} == {
             "vision_width": 64, "text_width": 64, "embed_dim": 32, "prompt_num": 3, "prompt_context_len": 5,
             "prompt_state_len": 5, "num_flows": 10, "sample_num": 10, "features_list": None}
+
+
+# ---- train_step.py: one training step of ours (the official side needs the official code) ----------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["AnomalyCLIP", "Vand"])
+def test_train_step_script_times_our_training_step(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The script's ours-side: a finite first-step loss, every learnt tensor updated by the step, the
+    table printed; and, in this process, that its step is the module's own training step: the batch it
+    saved gives that loss again on a fresh model."""
+    import math
+
+    import torch
+
+    script = load_script("train_step.py")
+    work = tmp_path / "work"
+    code = script.main(["--model", name, "--backbone", "zsad-tiny", "--image-size", "64", "--batch-size", "2",
+                        "--runs", "1", "--work-dir", str(work)])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    assert "batch 2," in output
+    rows = table_rows(output)
+    assert list(rows) == ["ours"]
+    cells = rows["ours"]
+    assert float(cells[1]) > 0 and float(cells[3]) == pytest.approx(2 / float(cells[1]), rel=2e-2)
+    loss = float(cells[6])
+    assert math.isfinite(loss) and loss > 0
+    changed, learnt = (int(x) for x in cells[8].split("/"))
+    assert learnt > 0 and changed == learnt  # the optimiser step moved every learnt tensor
+
+    batch = torch.load(work / "batch.pt", weights_only=True)
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["label"].tolist() == [1, 0]
+    assert batch["mask"][0].any() and not batch["mask"][1].any()  # the anomalous image has a defect
+    args = script.parse_args(["--model", name, "--backbone", "zsad-tiny", "--image-size", "64", "--worker", "ours"])
+    step, params = script.ours_step(args, work, batch)
+    before = [p.detach().clone() for p in params]
+    assert step() == pytest.approx(loss, rel=1e-4)
+    assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
