@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,20 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+def sample_plan(params: dict) -> Iterator[tuple[str, str, int]]:
+    """``(split, label folder, index in that folder)`` of every sample of one category, in the order
+    the demo writers draw them: training goods, test goods, then the defects round-robin."""
+    for split, n in (("train", params["n_train"]), ("test", params["n_test_good"])):
+        for i in range(n):
+            yield split, "good", i
+    defects = params["defect_types"]
+    counts = dict.fromkeys(defects, 0)
+    for i in range(params["n_test_defect"]):
+        defect = defects[i % len(defects)]
+        yield "test", defect, counts[defect]
+        counts[defect] += 1
+
+
 def _write_category(out: Path, category: str, params: dict, textures: dict[str, np.ndarray]) -> int:
     """Write one category; return the number of files written."""
     rng = np.random.default_rng([params["seed"], zlib.crc32(category.encode())])
@@ -100,20 +114,16 @@ def _write_category(out: Path, category: str, params: dict, textures: dict[str, 
     texture = textures[category]
     others = [name for name in textures if name != category] or [category]
     count = 0
-    for split, n in (("train", params["n_train"]), ("test", params["n_test_good"])):
-        for i in range(n):
-            _save(_to_uint8(_random_view(texture, size, rng)), out / category / split / "good" / f"{i:03d}.png")
+    for split, label, index in sample_plan(params):
+        name = f"{index:03d}"
+        if label == "good":
+            _save(_to_uint8(_random_view(texture, size, rng)), out / category / split / "good" / f"{name}.png")
             count += 1
-    defects = params["defect_types"]
-    per_defect = dict.fromkeys(defects, 0)
-    for i in range(params["n_test_defect"]):
-        defect = defects[i % len(defects)]
+            continue
         foreign = _random_view(textures[others[int(rng.integers(0, len(others)))]], size, rng)
-        image, mask = PAINTERS[defect](_random_view(texture, size, rng), rng, foreign)
-        name = f"{per_defect[defect]:03d}"
-        per_defect[defect] += 1
-        _save(_to_uint8(image), out / category / "test" / defect / f"{name}.png")
-        _save(mask.astype(np.uint8) * 255, out / category / "ground_truth" / defect / f"{name}_mask.png")
+        image, mask = PAINTERS[label](_random_view(texture, size, rng), rng, foreign)
+        _save(_to_uint8(image), out / category / "test" / label / f"{name}.png")
+        _save(mask.astype(np.uint8) * 255, out / category / "ground_truth" / label / f"{name}_mask.png")
         count += 2
     return count
 

@@ -44,6 +44,7 @@ from anomalib_zsad.data.demo import (
     _make_temporary,
     _swap_into_place,
     _unlock,
+    sample_plan,
 )
 from anomalib_zsad.data.errors import DatasetError
 
@@ -172,19 +173,9 @@ def _write_sample(folder: Path, index: int, rgb: np.ndarray, xyz: np.ndarray, ma
 def _write_category(out: Path, category: str, params: dict) -> int:
     rng = np.random.default_rng([params["seed"], zlib.crc32(category.encode())])
     size, written = params["image_size"], 0
-    base = out / category
-    for i in range(params["n_train"]):
-        rgb, xyz, _ = render_sample(category, size, rng)
-        written += _write_sample(base / "train" / "good", i, rgb, xyz, None)
-    for i in range(params["n_test_good"]):
-        rgb, xyz, mask = render_sample(category, size, rng)
-        written += _write_sample(base / "test" / "good", i, rgb, xyz, mask)
-    counts: dict[str, int] = {}
-    for i in range(params["n_test_defect"]):
-        defect = params["defect_types"][i % len(params["defect_types"])]
-        rgb, xyz, mask = render_sample(category, size, rng, defect)
-        written += _write_sample(base / "test" / defect, counts.get(defect, 0), rgb, xyz, mask)
-        counts[defect] = counts.get(defect, 0) + 1
+    for split, label, index in sample_plan(params):
+        rgb, xyz, mask = render_sample(category, size, rng, None if label == "good" else label)
+        written += _write_sample(out / category / split / label, index, rgb, xyz, None if split == "train" else mask)
     return written
 
 

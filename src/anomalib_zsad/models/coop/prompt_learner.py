@@ -10,9 +10,7 @@ tensor (CoOp's unified context: the paper writes ``[V1]..[VN]`` in both prompts)
 
 from __future__ import annotations
 
-import torch
-
-from anomalib_zsad.clip import TextTower, tokenize
+from anomalib_zsad.clip import TextTower
 from anomalib_zsad.models.anomalyclip.prompt_learner import AnomalyCLIPPromptLearner
 
 
@@ -35,32 +33,4 @@ class CoOpPromptLearner(AnomalyCLIPPromptLearner):
                  class_name: str = "object", init_std: float = 0.02, seed: int = 0) -> None:
         super().__init__(text, n_ctx=n_ctx, depth=1, deep_length=1, class_name=class_name,
                          normal_template=normal_template, anomalous_template=anomalous_template,
-                         init_std=init_std, seed=seed)
-        self.templates = (normal_template, anomalous_template)
-        self.shared_context = shared_context
-        if shared_context:
-            self.ctx_neg = self.ctx_pos  # one tensor: one parameter, both state-dict names
-        self._context_length = text.positional_embedding.shape[0]
-        self._token_ids: dict[str, torch.Tensor] = {}
-
-    def sentences(self, class_name: str) -> list[str]:
-        """The two placeholder sentences (normal, anomalous) of ``class_name``."""
-        placeholder = " ".join(["X"] * self.n_ctx)
-        return [f"{placeholder} {template.format(class_name)}." for template in self.templates]
-
-    def token_ids_for(self, class_name: str) -> torch.Tensor:
-        """[2, L] token ids of :meth:`sentences`, tokenised once per class name."""
-        device = self.token_ids.device
-        ids = self._token_ids.get(class_name)
-        if ids is None or ids.device != device:
-            ids = tokenize(self.sentences(class_name), self._context_length).to(device)
-            self._token_ids[class_name] = ids
-        return ids
-
-    def prompt_embeddings_for(self, text: TextTower, class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """([2, L, C] embeddings with the learnt contexts in place, [2] end-token positions)."""
-        ids = self.token_ids_for(class_name)
-        embedded = text.token_embedding(ids)
-        ctx = torch.cat([self.ctx_pos[0], self.ctx_neg[0]], dim=0)  # [2, n_ctx, C]
-        embeddings = torch.cat([embedded[:, :1], ctx.to(embedded.dtype), embedded[:, 1 + self.n_ctx:]], dim=1)
-        return embeddings, ids.argmax(dim=-1)
+                         init_std=init_std, seed=seed, shared_context=shared_context)
