@@ -78,7 +78,7 @@ def build(name: str, args: argparse.Namespace):
         module = cls(pretrained=None, **options)
     model = module.model.eval()
     size = _input_size(module)
-    setting = f"{options.get('backbone', 'default backbone')}, {size[0]}x{size[1]}"
+    setting = f"{module.settings['backbone']}, {size[0]}x{size[1]}"
 
     def images(batch: int) -> torch.Tensor:
         return torch.randn(batch, 3, *size, generator=gen)
