@@ -149,27 +149,11 @@ def peak_rss_mib() -> float:
 def official_worker(args: argparse.Namespace, work: Path, image) -> dict:
     """The official test.py inference path (model_load.load, DPAM_replace(20), encode_image,
     compute_similarity, get_similarity_map, scipy gaussian_filter), on our weights and prompts."""
-    import types
-
     import numpy as np
     import torch
     from scipy.ndimage import gaussian_filter
 
-    for name, attrs in (("pkg_resources", {"packaging": __import__("packaging.version")}), ("thop", {"profile": None})):
-        try:
-            __import__(name)
-        except ImportError:  # the official code imports these; neither is used for inference
-            sys.modules[name] = types.SimpleNamespace(**attrs)
-    sys.path.insert(0, str(args.official_src))
-    import AnomalyCLIP_lib
-    from prompt_ensemble import AnomalyCLIP_PromptLearner
-
-    details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
-    model, _ = AnomalyCLIP_lib.load(str(work / "clip-torchscript.pt"), device="cpu", design_details=details)
-    model.eval()
-    learner = AnomalyCLIP_PromptLearner(model.to("cpu"), details)
-    learner.load_state_dict(torch.load(work / "prompts.pt", weights_only=True), strict=False)
-    model.visual.DAPM_replace(DPAM_layer=20)
+    AnomalyCLIP_lib, model, learner = official_code.anomalyclip(args.official_src, work)  # noqa: N806 (its name)
     layers = list(json.loads((work / "layers.json").read_text()))
     with torch.no_grad():
         prompts, tokens, compound = learner(cls_id=None)

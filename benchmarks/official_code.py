@@ -81,6 +81,24 @@ def cuda_to_identity():
         torch.Tensor.cuda = original_cuda
 
 
+def anomalyclip(src: Path, work: Path):
+    """The official AnomalyCLIP on our weights, as its test.py and train.py set it up: ``model_load.load`` of
+    the TorchScript CLIP, the prompt learner with our prompts, DPAM from layer 20. -> (``AnomalyCLIP_lib``,
+    model, prompt learner)."""
+    stub_modules()
+    sys.path.insert(0, str(src))
+    import AnomalyCLIP_lib
+    from prompt_ensemble import AnomalyCLIP_PromptLearner
+
+    details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
+    model, _ = AnomalyCLIP_lib.load(str(work / "clip-torchscript.pt"), device="cpu", design_details=details)
+    model.eval()
+    learner = AnomalyCLIP_PromptLearner(model.to("cpu"), details)
+    learner.load_state_dict(torch.load(work / "prompts.pt", weights_only=True), strict=False)
+    model.visual.DAPM_replace(DPAM_layer=20)
+    return AnomalyCLIP_lib, model, learner
+
+
 def vand(src: Path, work: Path) -> OfficialCall:
     """VAND (APRIL-GAN) ``test.py --mode zero_shot``: open_clip's ``encode_image(image, features_list)``,
     the ``LinearLayer``, per layer ``softmax(bilinear(100 * tokens @ text))[:, 1]`` summed; the image score

@@ -275,18 +275,9 @@ def official_anomalyclip(args: argparse.Namespace, work: Path, batch: dict):
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    official_code.stub_modules()
-    sys.path.insert(0, str(args.official_src))
-    import AnomalyCLIP_lib
+    AnomalyCLIP_lib, model, learner = official_code.anomalyclip(args.official_src, work)  # noqa: N806 (its name)
     from loss import BinaryDiceLoss, FocalLoss
-    from prompt_ensemble import AnomalyCLIP_PromptLearner
 
-    details = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
-    model, _ = AnomalyCLIP_lib.load(str(work / "clip-torchscript.pt"), device="cpu", design_details=details)
-    model.eval()
-    learner = AnomalyCLIP_PromptLearner(model.to("cpu"), details)
-    learner.load_state_dict(torch.load(work / "prompts.pt", weights_only=True), strict=False)
-    model.visual.DAPM_replace(DPAM_layer=20)
     optimizer = torch.optim.Adam(list(learner.parameters()), lr=0.001, betas=(0.5, 0.999))
     loss_focal, loss_dice, lam = FocalLoss(), BinaryDiceLoss(), 4
     features_list = json.loads((work / "layers.json").read_text())

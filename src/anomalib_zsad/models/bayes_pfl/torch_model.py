@@ -137,8 +137,9 @@ class BayesPFLModel(nn.Module):
                              persistent=False)
         self._token_cache: dict[str, torch.Tensor] = {}
         self.truncate_text = truncate_text
-        # Python ints (static lengths in an exported graph), per class name; "" = the default class.
-        self._text_lengths = {"": self._sequence_length(self.class_tokens)}
+        # Python ints (static lengths in an exported graph): the default class's, and per class name.
+        self._default_text_length = self._sequence_length(self.class_tokens)
+        self._text_lengths: dict[str, int] = {}
         # token embeddings of the default class sentence, stored by freeze_text_features() for export
         self.register_buffer("frozen_class_embeddings", torch.empty(0), persistent=False)
         self.reset_parameters(init_seed)
@@ -216,12 +217,14 @@ class BayesPFLModel(nn.Module):
         if len(class_names) != batch:
             msg = f"{len(class_names)} class names for a batch of {batch}"
             raise ValueError(msg)
-        rows = []
-        for name in class_names:
-            if name not in self._token_cache:
-                self._token_cache[name] = class_token_ids([name], self.class_tokens.shape[1], self.prompt_length)[0]
-            rows.append(self._token_cache[name])
-        return torch.stack(rows).to(self.class_tokens.device)
+        return torch.stack([self._class_row(name) for name in class_names]).to(self.class_tokens.device)
+
+    def _class_row(self, name: str) -> torch.Tensor:
+        """One class sentence's ids [L], tokenised once, with its text length (a Python int) beside it."""
+        if name not in self._token_cache:
+            self._token_cache[name] = class_token_ids([name], self.class_tokens.shape[1], self.prompt_length)[0]
+            self._text_lengths[name] = self._sequence_length(self._token_cache[name])
+        return self._token_cache[name]
 
     def _sequence_length(self, token_ids: torch.Tensor) -> int:
         return end_token_span(token_ids, shift=self.prompt_length - 1)
@@ -231,11 +234,9 @@ class BayesPFLModel(nn.Module):
         if not self.truncate_text:
             return None
         if class_names is None:
-            return self._text_lengths[""]
-        self.token_ids(class_names, len(class_names))  # fills the cache (and checks the names)
+            return self._default_text_length
         for name in class_names:
-            if name not in self._text_lengths:
-                self._text_lengths[name] = self._sequence_length(self._token_cache[name])
+            self._class_row(name)
         return max(self._text_lengths[name] for name in class_names)
 
     # ------------------------------------------------------------------ building blocks
