@@ -512,8 +512,8 @@ def official_bayes_pfl(args: argparse.Namespace, work: Path, batch: dict):
     model_clip.eval()
     text_encoder = TextEncoder(model_clip, opts)
     my_model = Context_Prompting(args=opts)
-    my_model.load_state_dict(torch.load(work / "official-weights.pt", map_location="cpu",
-                                        weights_only=True)["MyModel"], strict=True)
+    weights = torch.load(work / "official-weights.pt", map_location="cpu", weights_only=True)
+    my_model.load_state_dict(weights["MyModel"], strict=True)
     my_model.train()
     # train.py's parameter groups (its inline loop over named_parameters)
     group1 = [m for n, m in my_model.named_parameters() if "prompt" in n]
