@@ -112,8 +112,12 @@ def run(name: str, args: argparse.Namespace, root: Path) -> None:
     batch = args.global_batch // args.devices
     data = datamodule(name, root, batch, args.eval_batch // args.devices)
     report = DDPReport()
+    # anomalib's Engine.fit makes a new version folder in every process (v0, v1: docs/distributed.md).
+    # For every model after the first, both processes already run and would race for the same name:
+    # each process gets a folder of its own.
+    process_root = args.out / "runs" / name / f"rank{os.environ.get('LOCAL_RANK', '0')}"
     engine = Engine(accelerator="cpu", strategy="ddp", devices=args.devices, max_epochs=EPOCHS.get(name, 1),
-                    default_root_dir=args.out / "runs" / name, logger=False, enable_progress_bar=False,
+                    default_root_dir=process_root, logger=False, enable_progress_bar=False,
                     enable_model_summary=False, num_sanity_val_steps=0,
                     limit_val_batches=1.0 if name in args.test else 0, callbacks=[report], deterministic=True)
     facts: dict[str, Any] = {}
