@@ -136,10 +136,24 @@ def run_export(path: str | Path, images: np.ndarray) -> tuple[np.ndarray, np.nda
         names = [output.name for output in session.get_outputs()]
         outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images}), strict=True))
         return outputs["pred_score"], outputs["anomaly_map"]
+    result = openvino_predict(path, images)
+    return np.asarray(result.pred_score), np.asarray(result.anomaly_map)
+
+
+def openvino_predict(path: str | Path, images: np.ndarray | str | Path):
+    """anomalib's ``OpenVINOInferencer`` on CPU, built and run in a scratch folder: it points OpenVINO's
+    model cache at ``openvino_cache/`` in the working folder (a relative path, written to at compile
+    and at inference), which filled the checkout (75 MB a run)."""
+    import contextlib
+    import tempfile
+
     from anomalib.deploy import OpenVINOInferencer
 
-    result = OpenVINOInferencer(path=path, device="CPU").predict(images)
-    return np.asarray(result.pred_score), np.asarray(result.anomaly_map)
+    scratch = Path(tempfile.gettempdir()) / "zsad-tests-openvino"
+    scratch.mkdir(exist_ok=True)
+    images = str(Path(images).resolve()) if isinstance(images, str | Path) else images
+    with contextlib.chdir(scratch):
+        return OpenVINOInferencer(path=Path(path).resolve(), device="CPU").predict(images)
 
 
 def assert_export_equals_torch(model, path: str | Path, size: int = 64, tolerance: float = 1e-4) -> None:

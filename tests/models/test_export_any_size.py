@@ -25,7 +25,7 @@ from anomalib_zsad.models.components.export import (
     fixed_resize_size,
     with_export_resize,
 )
-from conftest import run_export
+from conftest import openvino_predict, run_export
 
 # One worker builds the ONNX and OpenVINO exports (fixture ``exported``) for all of this module's
 # tests; spread over two xdist workers it was built twice (``--dist loadgroup`` in pyproject.toml).
@@ -80,15 +80,14 @@ def test_export_takes_any_image_size(exported, kind: ExportType, height: int, wi
 
 
 @pytest.mark.slow
-def test_openvino_inferencer_predicts_an_image_file_of_another_size(exported, tmp_path: Path) -> None:
+def test_openvino_predict_predicts_an_image_file_of_another_size(exported, tmp_path: Path) -> None:
     """The documented call, ``inferencer.predict("image.png")``, on a PNG that is not 64x64."""
     from anomalib.data.utils import read_image
-    from anomalib.deploy import OpenVINOInferencer
 
     model, paths = exported
     pixels = np.random.default_rng(0).integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "image.png")
-    result = OpenVINOInferencer(path=paths[ExportType.OPENVINO], device="CPU").predict(str(tmp_path / "image.png"))
+    result = openvino_predict(paths[ExportType.OPENVINO], str(tmp_path / "image.png"))
     image = torch.from_numpy(read_image(tmp_path / "image.png", as_tensor=False)).permute(2, 0, 1)[None]
     with torch.no_grad():
         expected = model(image.float())

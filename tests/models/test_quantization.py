@@ -70,13 +70,14 @@ def test_int8_ptq_quantises_the_linear_layers_and_keeps_attention_and_head_fp32(
 
 
 @pytest.mark.slow
-def test_int8_export_runs_in_the_openvino_inferencer(int8_export) -> None:
+def test_int8_export_runs_in_the_openvino_predict(int8_export) -> None:
     import torch
-    from anomalib.deploy import OpenVINOInferencer
+
+    from conftest import openvino_predict
 
     model, xml = int8_export
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    result = OpenVINOInferencer(path=xml, device="CPU").predict(images.numpy())
+    result = openvino_predict(xml, images.numpy())
     scores, maps = np.asarray(result.pred_score).reshape(2), np.asarray(result.anomaly_map).reshape(2, 64, 64)
     with torch.no_grad():
         expected = model(images)

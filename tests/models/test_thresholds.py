@@ -236,9 +236,9 @@ def test_calibrated_scores_keep_the_labels_and_the_benchmark_keeps_raw_scores() 
 @pytest.mark.slow
 def test_exported_graphs_carry_the_thresholds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch, ONNX and OpenVINO exports give the torch model's labels and masks."""
-    from anomalib.deploy import OpenVINOInferencer, TorchInferencer
+    from anomalib.deploy import TorchInferencer
 
-    from conftest import export_every_kind
+    from conftest import export_every_kind, openvino_predict
 
     model = _model(FixedThresholds(image=0.0, pixel=0.0)).eval()
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -253,7 +253,7 @@ def test_exported_graphs_carry_the_thresholds(tmp_path: Path, monkeypatch: pytes
     paths = {kind.value: path for kind, path in export_every_kind(model, tmp_path).items()}
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
     results = {"torch": TorchInferencer(path=paths["torch"], device="cpu").predict(images),
-               "openvino": OpenVINOInferencer(path=paths["openvino"], device="CPU").predict(images.numpy())}
+               "openvino": openvino_predict(paths["openvino"], images.numpy())}
     onnxruntime = pytest.importorskip("onnxruntime")
     session = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
