@@ -158,7 +158,7 @@ def test_official_weight_export_reads_back_into_a_fresh_model(name: str, tmp_pat
 # ---- train_step.py: one training step of ours (the official side needs the official code) ----------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["Vand"])  # the step of every model: tests/models/*/test_lightning.py
+@pytest.mark.parametrize("name", ["Vand"])  # every model's training step runs in tests/models/test_contract_flow.py
 def test_train_step_script_times_our_training_step(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The script's ours-side: a finite first-step loss, every learnt tensor updated by the step, the
     table printed; and, in this process, that its step is the module's own training step: the batch it

@@ -115,14 +115,15 @@ def run(name: str, args: argparse.Namespace, root: Path) -> None:
     # anomalib's Engine.fit makes a new version folder in every process (v0, v1: docs/distributed.md).
     # For every model after the first, both processes already run and would race for the same name:
     # each process gets a folder of its own.
-    process_root = args.out / "runs" / name / f"rank{os.environ.get('LOCAL_RANK', '0')}"
+    local_rank = os.environ.get("LOCAL_RANK", "0")  # set by Lightning's launcher in the processes it starts
+    process_root = args.out / "runs" / name / f"rank{local_rank}"
     engine = Engine(accelerator="cpu", strategy="ddp", devices=args.devices, max_epochs=EPOCHS.get(name, 1),
                     default_root_dir=process_root, logger=False, enable_progress_bar=False,
                     enable_model_summary=False, num_sanity_val_steps=0,
                     limit_val_batches=1.0 if name in args.test else 0, callbacks=[report], deterministic=True)
     facts: dict[str, Any] = {}
     _ = model.model  # built as setup("fit") builds it (in every process: their models must be alike)
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # the starting point of the learnt state
+    if local_rank == "0":  # the starting point of the learnt state
         torch.save(learnt_state(model), args.out / f"{stem}.init.pt")
     if model.has_learnt_parts:
         engine.fit(model, datamodule=data)

@@ -38,7 +38,7 @@ import torch
 # One worker builds the one- and two-process training runs (fixture ``runs``) for all of
 # this module's tests; spread over two xdist workers it was built twice (``--dist loadgroup`` in
 # pyproject.toml).
-pytestmark = pytest.mark.xdist_group("ddp_default_runs")
+pytestmark = pytest.mark.xdist_group("ddp_runs")
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 EXACT = 1e-3

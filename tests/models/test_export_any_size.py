@@ -80,7 +80,7 @@ def test_export_takes_any_image_size(exported, kind: ExportType, height: int, wi
 
 
 @pytest.mark.slow
-def test_openvino_predict_predicts_an_image_file_of_another_size(exported, tmp_path: Path) -> None:
+def test_openvino_inferencer_predicts_an_image_file_of_another_size(exported, tmp_path: Path) -> None:
     """The documented call, ``inferencer.predict("image.png")``, on a PNG that is not 64x64."""
     from anomalib.data.utils import read_image
 

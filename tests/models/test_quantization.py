@@ -70,7 +70,7 @@ def test_int8_ptq_quantises_the_linear_layers_and_keeps_attention_and_head_fp32(
 
 
 @pytest.mark.slow
-def test_int8_export_runs_in_the_openvino_predict(int8_export) -> None:
+def test_int8_export_runs_in_the_openvino_inferencer(int8_export) -> None:
     import torch
 
     from conftest import openvino_predict
